@@ -1,0 +1,292 @@
+"""Typed trial configuration: the only place defaults live.
+
+One :class:`TrialConfig` describes one trial end to end: the data, the model, both stages, the
+resources and the seed. It is validated when it is built; a bad value raises
+:class:`~dtlray.errors.DtlrayError` naming the field, the value and the fix. It converts to and
+from the flat ``{"section.field": value}`` dict a search samples, and to a plain nested dict for
+Ray workers (which rebuild the typed object on their first line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dtlray.errors import DtlrayError
+from dtlray.models import default_small_input, list_backbones
+
+TASK_GROUPS = ("backbone", "fusion", "heads")
+
+
+class _Section(BaseModel):
+    # Frozen and strict about keys: a typo in a YAML file or a --set must fail, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Which prepared datasets a trial reads and at what size the model sees them."""
+
+    root: str | None = Field(
+        default=None, description="Data root; None means $DTLRAY_DATA or ~/.cache/dtlray/data."
+    )
+    source: str = Field(default="fashion-mnist", description="Stage-1 dataset name.")
+    targets: tuple[str, ...] = Field(
+        default=("digits", "faces"), description="Stage-2 dataset names, one task each."
+    )
+    image_size: int = Field(default=32, ge=8, le=512, description="Model input size (pixels).")
+    channels: Literal[1, 3] = Field(default=3, description="Model input channels.")
+    source_max_rows: int | None = Field(
+        default=None, ge=1, description="Use only the first N source train rows (quick runs)."
+    )
+    in_memory_max_mb: int = Field(
+        default=2048,
+        ge=0,
+        description="Train shards smaller than this (per worker) are decoded once and kept in "
+        "memory; larger ones stream from Ray Data every epoch.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_unique(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        if not targets:
+            raise ValueError("needs at least one target dataset, e.g. targets: [digits]")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"lists a dataset twice: {list(targets)}; each target is one task")
+        return targets
+
+
+class ModelConfig(_Section):
+    """The transfer model: backbone, fusion module and heads."""
+
+    backbone: str = "resnet18"
+    weights: Literal["imagenet"] | None = Field(
+        default=None, description="None: random init; imagenet: torchvision's weights."
+    )
+    small_input: bool | Literal["auto"] = Field(
+        default="auto", description="Small-input stem; auto: on below 64 px."
+    )
+    fusion_depth: int = Field(default=1, ge=0, le=16)
+    fusion_width: int | None = Field(default=None, ge=1, le=8192)
+    fusion_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        valid = list_backbones()
+        if name not in valid:
+            raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(valid)}")
+        return name
+
+
+class StageConfig(_Section):
+    """Optimiser settings shared by both stages (SGD with Nesterov momentum)."""
+
+    epochs: int = Field(default=2, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536, description="Per worker.")
+    lr: float = Field(default=0.05, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    step_epochs: int = Field(default=1, ge=1, description="For schedule: step.")
+    step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="For schedule: step.")
+    augment: bool = Field(default=False, description="Random crop (pad 4) and horizontal flip.")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> StageConfig:
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov=true needs momentum > 0; set momentum (e.g. 0.9)")
+        return self
+
+
+class PretrainConfig(StageConfig):
+    """Stage 1: pretrain backbone, fusion and the source head on the source dataset."""
+
+
+class FinetuneConfig(StageConfig):
+    """Stage 2: finetune on the targets, one fresh head per target."""
+
+    epochs: int = Field(default=3, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536, description="Per worker, all tasks.")
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    schedule: Literal["cosine", "constant", "step"] = "constant"
+    init: Literal["stage1", "scratch"] = Field(
+        default="stage1", description="stage1: start from stage 1; scratch: the baseline."
+    )
+    lr_mult_backbone: float = Field(default=1.0, ge=0.0, le=100.0)
+    lr_mult_fusion: float = Field(default=1.0, ge=0.0, le=100.0)
+    lr_mult_heads: float = Field(default=1.0, ge=0.0, le=100.0)
+    freeze_backbone_epochs: int = Field(default=0, ge=0)
+    samples_per_class: int | None = Field(
+        default=None, ge=1, description="Label budget: at most N train images per class."
+    )
+    train_fraction: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Label budget: this fraction of train."
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> FinetuneConfig:
+        if self.samples_per_class is not None and self.train_fraction is not None:
+            raise ValueError(
+                "set either samples_per_class or train_fraction as the label budget, not both"
+            )
+        if self.freeze_backbone_epochs > self.epochs:
+            raise ValueError(
+                f"freeze_backbone_epochs={self.freeze_backbone_epochs} exceeds "
+                f"epochs={self.epochs}; lower it or raise epochs"
+            )
+        return self
+
+    def lr_mult(self, group: str) -> float:
+        """The learning-rate multiplier of a parameter group (backbone, fusion or heads)."""
+        return {
+            "backbone": self.lr_mult_backbone,
+            "fusion": self.lr_mult_fusion,
+            "heads": self.lr_mult_heads,
+        }[group]
+
+
+class ResourcesConfig(_Section):
+    """Ray Train resources of one trial."""
+
+    num_workers: int = Field(default=1, ge=1, le=1024)
+    use_gpu: bool | Literal["auto"] = Field(
+        default="auto", description="auto: use GPUs when the cluster has them."
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, le=256.0)
+    max_failures: int = Field(
+        default=1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: ∞)."
+    )
+
+
+class TrialConfig(_Section):
+    """Everything one trial needs. Build with :meth:`from_dict` or :meth:`from_flat`."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: PretrainConfig = PretrainConfig()
+    stage2: FinetuneConfig = FinetuneConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, nested: Mapping[str, Any]) -> TrialConfig:
+        """Build from a nested dict (a YAML section, a worker's config).
+
+        Raises:
+            DtlrayError: one line per bad field, each naming the field and the fix.
+        """
+        try:
+            return cls.model_validate(dict(nested))
+        except ValidationError as err:
+            raise DtlrayError(format_validation_error(err)) from None
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: TrialConfig | None = None) -> TrialConfig:
+        """Build from ``{"section.field": value}`` pairs over ``base`` (defaults if None).
+
+        Raises:
+            DtlrayError: an unknown key (with the valid ones) or a bad value.
+        """
+        nested = (base or cls()).to_dict()
+        for key, value in flat.items():
+            set_dotted(nested, key, value)
+        return cls.from_dict(nested)
+
+    # -- conversion ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested JSON-able dict (for workers, files and the stage-1 key)."""
+        return self.model_dump(mode="json")
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``{"section.field": value}`` dict, the form a search samples."""
+        flat: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    flat[f"{section}.{key}"] = value
+            else:
+                flat[section] = values
+        return flat
+
+    # -- derived values -----------------------------------------------------------------------
+
+    @property
+    def small_input(self) -> bool:
+        """The resolved small-input choice (``auto`` decides by image size)."""
+        if self.model.small_input == "auto":
+            return default_small_input(self.data.image_size)
+        return bool(self.model.small_input)
+
+    def stage1_key(self, source_fingerprint: str) -> str:
+        """Hash of everything that changes the stage-1 result.
+
+        Stage 1 depends on the source data (its content fingerprint and the slice used), the
+        input size, the model architecture, the pretrain optimiser settings and the seed — and on
+        nothing in stage 2, so trials that differ only in finetune settings share it.
+        """
+        part = {
+            "version": 1,
+            "source": self.data.source,
+            "source_fingerprint": source_fingerprint,
+            "source_max_rows": self.data.source_max_rows,
+            "image_size": self.data.image_size,
+            "channels": self.data.channels,
+            "model": {**self.model.model_dump(mode="json"), "small_input": self.small_input},
+            "stage1": self.stage1.model_dump(mode="json"),
+            "seed": self.seed,
+        }
+        blob = json.dumps(part, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``section.field`` in a nested config dict.
+
+    Raises:
+        DtlrayError: the key names no config field (the message lists the valid keys).
+    """
+    parts = key.split(".")
+    node: Any = nested
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if not isinstance(node, dict) or part not in node:
+            raise DtlrayError(
+                f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}"
+            )
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def valid_keys() -> list[str]:
+    """Every ``section.field`` key a TrialConfig accepts."""
+    return sorted(TrialConfig().to_flat())
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """Turn pydantic's error into lines of ``field: problem (got value)``."""
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            # Inside a search space the trial config sits under "trial."; its keys do not.
+            section = ".".join(str(p) for p in item["loc"][:-1]).removeprefix("trial").lstrip(".")
+            valid = [k for k in valid_keys() if k.startswith(f"{section}.")] if section else []
+            message = "unknown key" + (f"; valid keys here: {', '.join(valid)}" if valid else "")
+            lines.append(f"{field}: {message}")
+            continue
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{field}: {message}{shown}")
+    return "invalid config: " + "; ".join(lines)

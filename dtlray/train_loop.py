@@ -1,0 +1,587 @@
+"""The one per-worker training loop, used by both stages.
+
+Runs inside a Ray Train worker. The first line rebuilds the typed :class:`TrialConfig`; after that
+no code reads loose dict keys. Stage 1 (pretrain) and stage 2 (finetune) are
+:class:`~dtlray.stages.StageSpec` values run by the same :func:`run_stage`, which is split the
+torchvision way into :func:`train_one_epoch` and :func:`evaluate`.
+
+Correctness under DDP:
+  * train splits are sharded by Ray Data with ``equal=True`` so every rank takes the same number
+    of steps (DDP all-reduces every step; uneven ranks would hang);
+  * val/test splits are sharded with ``equal=False`` (every example on exactly one rank) and the
+    per-task sums of correct, loss and count are all-reduced, so every rank reports the same,
+    exact accuracy whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dtlray.config import StageConfig, TrialConfig
+from dtlray.data import decode_uint8, to_model_input
+from dtlray.models import TransferModel, build_transfer_model, load_trunk
+from dtlray.stage1_cache import Stage1Record, load_stage1, save_stage1
+from dtlray.stages import DatasetMeta, StageSpec, TaskSpec, finetune_stage, pretrain_stage
+
+CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_META = "meta.json"
+_DECODE_BATCH_ROWS = 4096
+_EVAL_BATCH_ROWS = 512
+
+
+# -- what the driver tells the workers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Driver-side decisions a worker follows (everything else is in the TrialConfig).
+
+    Attributes:
+        datasets: metadata of every dataset the trial reads, by name.
+        stage1_mode: ``compute`` (run stage 1 and store it), ``load`` (a stored stage-1 result
+            exists) or ``none`` (``stage2.init: scratch``).
+        stage1_dir: where the stage-1 result is loaded from or saved to.
+        stream_keys: train dataset keys too large to keep in worker memory; streamed per epoch.
+        run_test: evaluate the test splits after the last finetune epoch.
+    """
+
+    datasets: dict[str, DatasetMeta]
+    stage1_mode: Literal["compute", "load", "none"]
+    stage1_dir: str | None
+    stream_keys: tuple[str, ...] = ()
+    run_test: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> WorkerPlan:
+        datasets = {
+            name: DatasetMeta(
+                name=meta["name"],
+                num_classes=int(meta["num_classes"]),
+                image_shape=tuple(meta["image_shape"]),  # type: ignore[arg-type]
+            )
+            for name, meta in raw["datasets"].items()
+        }
+        return cls(
+            datasets=datasets,
+            stage1_mode=raw["stage1_mode"],
+            stage1_dir=raw["stage1_dir"],
+            stream_keys=tuple(raw["stream_keys"]),
+            run_test=bool(raw["run_test"]),
+        )
+
+
+@dataclass
+class Stage1Outcome:
+    """What stage 1 contributes to every finetune report."""
+
+    source_val_acc: float
+    seconds: float  # spent by this trial on stage 1 (small on a cache hit)
+    compute_seconds: float  # what computing the stage-1 result cost, whoever computed it
+    cache_hit: bool
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "source/val_acc": self.source_val_acc,
+            "stage1/cache_hit": self.cache_hit,
+            "stage1/seconds": self.seconds,
+            "stage1/compute_seconds": self.compute_seconds,
+        }
+
+
+@dataclass
+class WorkerEnv:
+    """Where this worker runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    seed: int
+    image_size: int
+    channels: int
+    log: Callable[[str], None] = field(default=print)
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
+    """Run both stages of one trial on this Ray Train worker.
+
+    Args:
+        worker_config: ``{"trial": TrialConfig.to_dict(), "plan": WorkerPlan.to_dict()}``.
+    """
+    cfg = TrialConfig.from_dict(worker_config["trial"])
+    plan = WorkerPlan.from_dict(worker_config["plan"])
+    context = ray.train.get_context()
+    env = WorkerEnv(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        seed=cfg.seed,
+        image_size=cfg.data.image_size,
+        channels=cfg.data.channels,
+    )
+    # Threads = the CPUs Ray gave this worker: oversubscribing 2 cores with 2 workers x N threads
+    # costs far more than it gains, and a fixed count keeps one-worker runs reproducible.
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    finetune = finetune_stage(cfg, plan.datasets)
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    model = build_transfer_model(
+        backbone=cfg.model.backbone,
+        in_channels=cfg.data.channels,
+        small_input=cfg.small_input,
+        weights=cfg.model.weights,
+        fusion_depth=cfg.model.fusion_depth,
+        fusion_width=cfg.model.fusion_width,
+        heads=finetune.heads,
+        head_dropout=cfg.model.head_dropout,
+        fusion_dropout=cfg.model.fusion_dropout,
+    ).to(env.device)
+
+    resume = _load_resume(ray.train.get_checkpoint())
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+        stage1 = Stage1Outcome(**resume.meta["stage1"])
+        env.log(f"[dtlray] resuming finetune at epoch {resume.meta['epoch'] + 1}")
+    else:
+        stage1 = _run_or_load_stage1(cfg, plan, model, env)
+        # Fresh target heads, seeded so every rank starts from the same ones.
+        torch.manual_seed(cfg.seed + 1)
+        model.reset_heads(finetune.heads)
+        model.to(env.device)
+
+    def report(epoch: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        metrics = {**metrics, **stage1.metrics()}
+        meta = {"epoch": epoch, "stage1": asdict(stage1), "metrics": metrics}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if env.rank == 0:
+                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+                with open(os.path.join(tmp, CHECKPOINT_META), "w") as f:
+                    json.dump({**meta, "config": cfg.to_dict()}, f, indent=1)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            # Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint.
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    run_stage(
+        finetune,
+        model,
+        env,
+        stream_keys=plan.stream_keys,
+        resume=resume,
+        on_epoch_end=report,
+        run_test=plan.run_test,
+    )
+
+
+def _run_or_load_stage1(
+    cfg: TrialConfig, plan: WorkerPlan, model: TransferModel, env: WorkerEnv
+) -> Stage1Outcome:
+    start = time.perf_counter()
+    if plan.stage1_mode == "none":
+        return Stage1Outcome(math.nan, 0.0, 0.0, cache_hit=False)
+    assert plan.stage1_dir is not None
+    if plan.stage1_mode == "load":
+        state, record = load_stage1(plan.stage1_dir)
+        load_trunk(model, state)
+        env.log(f"[dtlray] stage 1 reused from {plan.stage1_dir}")
+        return Stage1Outcome(
+            record.source_val_acc, time.perf_counter() - start, record.seconds, cache_hit=True
+        )
+
+    pretrain = pretrain_stage(cfg, plan.datasets)
+    model.reset_heads(pretrain.heads)
+    model.to(env.device)
+    final = run_stage(pretrain, model, env, stream_keys=plan.stream_keys)
+    seconds = time.perf_counter() - start
+    source_val_acc = final[f"{pretrain.tasks[0].name}/val_acc"]
+    if env.rank == 0:
+        save_stage1(
+            plan.stage1_dir,
+            model.trunk_state_dict(),
+            Stage1Record(source_val_acc=source_val_acc, seconds=seconds, config=cfg.to_dict()),
+        )
+    env.log(f"[dtlray] stage 1 done in {seconds:.1f}s: source/val_acc={source_val_acc:.4f}")
+    return Stage1Outcome(source_val_acc, seconds, seconds, cache_hit=False)
+
+
+# -- one stage ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Resume:
+    model_state: dict[str, Any]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _load_resume(checkpoint: ray.train.Checkpoint | None) -> _Resume | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
+        with open(os.path.join(path, CHECKPOINT_META)) as f:
+            meta = json.load(f)
+    return _Resume(state["model"], state["optimizer"], state["scheduler"], meta)
+
+
+def run_stage(
+    spec: StageSpec,
+    model: TransferModel,
+    env: WorkerEnv,
+    *,
+    stream_keys: tuple[str, ...] = (),
+    resume: _Resume | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any], dict[str, Any]], None] | None = None,
+    run_test: bool = False,
+) -> dict[str, float]:
+    """Train ``model`` through one stage; return the last epoch's metrics (per task too).
+
+    Args:
+        spec: the stage.
+        model: the (unwrapped) model; its heads must match ``spec.heads``.
+        env: where this worker runs.
+        stream_keys: train keys to stream each epoch instead of keeping in memory.
+        resume: a finetune checkpoint to continue from.
+        on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch.
+        run_test: evaluate the test splits after the last epoch.
+    """
+    train_data = {t.name: _train_source(t, spec, stream_keys) for t in spec.tasks}
+    _agree_on_sizes(train_data, env)
+    val_data = {t.name: _read_split(t.val_key, t.meta) for t in spec.tasks}
+    optimizer = build_optimizer(model, spec)
+    scheduler = build_scheduler(optimizer, spec.optim)
+    start_epoch = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+        scheduler.load_state_dict(resume.scheduler_state)
+        start_epoch = int(resume.meta["epoch"]) + 1
+
+    metrics: dict[str, float] = {}
+    wrapped_for: bool | None = None
+    wrapped: nn.Module = model
+    for epoch in range(start_epoch, spec.optim.epochs):
+        frozen = epoch < spec.freeze_backbone_epochs
+        if frozen != wrapped_for:
+            # DDP registers the parameters that need grads when it is built, so freezing or
+            # unfreezing the backbone means building it again.
+            _set_backbone_frozen(model, frozen)
+            wrapped = _wrap_ddp(model, env)
+            wrapped_for = frozen
+        train_stats = train_one_epoch(wrapped, model, spec, train_data, optimizer, epoch, env)
+        scheduler.step()
+        val = evaluate(model, spec.tasks, val_data, env)
+        metrics = _stage_metrics(spec, train_stats, val, "val")
+        metrics["epoch"] = epoch + 1
+        last = epoch == spec.optim.epochs - 1
+        if last and run_test:
+            test_data = {t.name: _read_split(t.test_key, t.meta) for t in spec.tasks if t.test_key}
+            test = evaluate(model, spec.tasks, test_data, env)
+            metrics.update(_stage_metrics(spec, None, test, "test"))
+        if env.rank == 0:
+            shown = ", ".join(
+                f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("acc") or "loss" in k
+            )
+            env.log(f"[dtlray] {spec.name} epoch {epoch + 1}/{spec.optim.epochs}: {shown}")
+        if on_epoch_end is not None:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            }
+            on_epoch_end(epoch, metrics, state)
+    _set_backbone_frozen(model, False)
+    return metrics
+
+
+def _stage_metrics(
+    spec: StageSpec,
+    train_stats: dict[str, float] | None,
+    evals: dict[str, tuple[float, float]],
+    split: str,
+) -> dict[str, float]:
+    # Finetune metrics use the contract's names (target/...); pretrain ones are per task only.
+    prefix = "target/" if spec.name == "finetune" else ""
+    metrics: dict[str, float] = {}
+    for task, (acc, loss) in evals.items():
+        metrics[f"{prefix}{task}/{split}_acc"] = acc
+        metrics[f"{prefix}{task}/{split}_loss"] = loss
+    if spec.name == "finetune":
+        metrics[f"target/{split}_acc"] = float(np.mean([acc for acc, _ in evals.values()]))
+        metrics[f"target/{split}_loss"] = float(np.mean([loss for _, loss in evals.values()]))
+    if train_stats is not None:
+        metrics.update(train_stats)
+    return metrics
+
+
+# -- optimiser ----------------------------------------------------------------------------------
+
+
+def build_optimizer(model: TransferModel, spec: StageSpec) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, one parameter group per model part at ``lr * multiplier``."""
+    groups = []
+    for name, params in model.param_groups().items():
+        if params:
+            groups.append(
+                {"params": params, "lr": spec.optim.lr * spec.lr_mult[name], "name": name}
+            )
+    return torch.optim.SGD(
+        groups,
+        lr=spec.optim.lr,
+        momentum=spec.optim.momentum,
+        nesterov=spec.optim.nesterov,
+        weight_decay=spec.optim.weight_decay,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: StageConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule of a stage."""
+    if optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
+    if optim.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, optim.step_epochs, optim.step_gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _set_backbone_frozen(model: TransferModel, frozen: bool) -> None:
+    for p in model.backbone.parameters():
+        p.requires_grad_(not frozen)
+
+
+def _wrap_ddp(model: TransferModel, env: WorkerEnv) -> nn.Module:
+    if env.world_size == 1:
+        return model
+    device_ids = [env.device] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+# -- data on the worker -------------------------------------------------------------------------
+
+
+@dataclass
+class InMemorySplit:
+    """A split (or this rank's shard of it) decoded once to uint8 at the stored size."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class StreamingSplit:
+    """A train shard too large for memory: Ray Data streams it again every epoch."""
+
+    key: str
+    meta: DatasetMeta
+
+
+def _read_split(key: str, meta: DatasetMeta) -> InMemorySplit:
+    shard = ray.train.get_dataset_shard(key)
+    images, labels = [], []
+    for batch in shard.iter_batches(batch_size=_DECODE_BATCH_ROWS, batch_format="pyarrow"):
+        images.append(decode_uint8(batch["image"], meta.image_shape))
+        labels.append(torch.from_numpy(batch["label"].to_numpy().astype(np.int64)))
+    if not images:
+        h, w, c = meta.image_shape
+        return InMemorySplit(torch.empty(0, c, h, w, dtype=torch.uint8), torch.empty(0).long())
+    return InMemorySplit(torch.cat(images), torch.cat(labels))
+
+
+def _train_source(
+    task: TaskSpec, spec: StageSpec, stream_keys: tuple[str, ...]
+) -> InMemorySplit | StreamingSplit:
+    if task.train_key in stream_keys:
+        if len(spec.tasks) != 1:
+            raise RuntimeError("streaming train data is supported for single-task stages only")
+        return StreamingSplit(task.train_key, task.meta)
+    return _read_split(task.train_key, task.meta)
+
+
+def _model_input(images: torch.Tensor, env: WorkerEnv, augment: bool) -> torch.Tensor:
+    x = to_model_input(images.to(env.device, non_blocking=True), env.image_size, env.channels)
+    return _augment(x) if augment else x
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample random translation (±4 px of 32) and horizontal flip, vectorised."""
+    b = x.shape[0]  # x: (B, C, H, W)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    flip = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
+    theta[:, 0, 0] = flip
+    theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = (torch.rand(b, 2, device=x.device) * 2 - 1) * 0.25
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+
+
+def _step_batches(
+    spec: StageSpec,
+    data: Mapping[str, InMemorySplit | StreamingSplit],
+    epoch: int,
+    env: WorkerEnv,
+) -> Iterator[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Yield, per step, one (task, uint8 images, labels) batch for every task.
+
+    Each step takes from every task a share of the batch proportional to the task's size, so an
+    epoch is one pass over every target's train data and every head gets a gradient every step
+    (which DDP requires).
+    """
+    batch_size = spec.optim.batch_size
+    if len(spec.tasks) == 1 and isinstance(data[spec.tasks[0].name], StreamingSplit):
+        task = spec.tasks[0]
+        shard = ray.train.get_dataset_shard(task.train_key)
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            drop_last=False,
+            local_shuffle_buffer_size=batch_size * 16,
+            local_shuffle_seed=env.seed + 1000 * epoch + env.rank,
+        ):
+            images = decode_uint8(batch["image"], task.meta.image_shape)
+            labels = torch.from_numpy(batch["label"].to_numpy().astype(np.int64))
+            yield [(task.name, images, labels)]
+        return
+
+    splits = {name: split for name, split in data.items() if isinstance(split, InMemorySplit)}
+    sizes = {name: len(split) for name, split in splits.items()}
+    total = sum(sizes.values())
+    steps = max(1, math.ceil(total / batch_size))
+    generator = torch.Generator().manual_seed(env.seed * 1_000_003 + epoch * 101 + env.rank)
+    chunks = {}
+    for name, size in sizes.items():
+        order = torch.randperm(size, generator=generator)
+        if size < steps:  # a tiny task: cycle so every step still has one of its examples
+            order = order.repeat(math.ceil(steps / max(size, 1)))
+        chunks[name] = torch.tensor_split(order, steps)
+    for step in range(steps):
+        yield [
+            (name, splits[name].images[chunks[name][step]], splits[name].labels[chunks[name][step]])
+            for name in splits
+        ]
+
+
+def _agree_on_sizes(data: Mapping[str, InMemorySplit | StreamingSplit], env: WorkerEnv) -> None:
+    # In-memory shards must be equal on every rank (Ray Data splits train with equal=True);
+    # check it once per stage rather than hang in the first all-reduce if it ever is not.
+    in_memory = [len(s) for s in data.values() if isinstance(s, InMemorySplit)]
+    if env.world_size == 1 or not in_memory:
+        return
+    sizes = torch.tensor(in_memory, dtype=torch.int64, device=env.device)
+    low, high = sizes.clone(), sizes.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"train shards differ across ranks ({low} vs {high}); DDP would hang")
+
+
+def train_one_epoch(
+    wrapped: nn.Module,
+    model: TransferModel,
+    spec: StageSpec,
+    data: Mapping[str, InMemorySplit | StreamingSplit],
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    env: WorkerEnv,
+) -> dict[str, float]:
+    """One pass over the stage's train data; returns loss and global samples/s."""
+    model.train()
+    if epoch < spec.freeze_backbone_epochs:
+        model.backbone.eval()  # frozen means frozen: BN running stats stay as stage 1 left them
+    start = time.perf_counter()
+    seen = 0
+    loss_sum = torch.zeros((), device=env.device)
+    for step_batches in _step_batches(spec, data, epoch, env):
+        # Tasks are stored at their own sizes; each is resized to the model input, then joined.
+        x = torch.cat([_model_input(b[1], env, spec.optim.augment) for b in step_batches])
+        logits = wrapped(x)
+        losses = []
+        offset = 0
+        for task, _, labels in step_batches:
+            n = labels.shape[0]
+            target = labels.to(env.device, non_blocking=True)
+            losses.append(F.cross_entropy(logits[task][offset : offset + n], target))
+            offset += n
+        loss = torch.stack(losses).mean()  # every task weighs the same
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * offset
+        seen += offset
+    elapsed = time.perf_counter() - start
+    totals = torch.tensor(
+        [float(seen), loss_sum.item(), elapsed], dtype=torch.float64, device=env.device
+    )
+    if env.world_size > 1:
+        seen_loss = totals[:2].clone()
+        dist.all_reduce(seen_loss)
+        slowest = totals[2:].clone()
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        totals = torch.cat([seen_loss, slowest])
+    samples, loss_total, seconds = totals.tolist()
+    return {
+        "train/loss": loss_total / max(samples, 1.0),
+        "train/samples_per_s": samples / max(seconds, 1e-9),
+        "train/epoch_seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: TransferModel,
+    tasks: tuple[TaskSpec, ...],
+    data: Mapping[str, InMemorySplit],
+    env: WorkerEnv,
+) -> dict[str, tuple[float, float]]:
+    """Accuracy and mean loss per task over this rank's exactly-once shard, all-reduced.
+
+    Returns:
+        ``{task: (accuracy, mean cross-entropy)}``, identical on every rank.
+    """
+    model.eval()
+    names = [t.name for t in tasks if t.name in data]
+    # Per task: correct, loss sum, count — summed over ranks so each example counts once.
+    sums = torch.zeros(len(names), 3, dtype=torch.float64, device=env.device)
+    for i, name in enumerate(names):
+        split = data[name]
+        for start in range(0, len(split), _EVAL_BATCH_ROWS):
+            images = split.images[start : start + _EVAL_BATCH_ROWS]
+            labels = split.labels[start : start + _EVAL_BATCH_ROWS].to(env.device)
+            logits = model(_model_input(images, env, augment=False))[name]
+            sums[i, 0] += (logits.argmax(dim=1) == labels).sum().item()
+            sums[i, 1] += F.cross_entropy(logits, labels, reduction="sum").item()
+            sums[i, 2] += labels.shape[0]
+    if env.world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    results = {}
+    for i, name in enumerate(names):
+        correct, loss, count = sums[i].tolist()
+        if count == 0:
+            raise RuntimeError(f"no {name} evaluation examples reached any worker")
+        results[name] = (correct / count, loss / count)
+    return results
