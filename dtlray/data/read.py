@@ -1,0 +1,207 @@
+"""The read path: check a split against ``dataset.json``, then open it with Ray Data or pyarrow.
+
+:func:`validate_split` runs before any read, so a missing, truncated or tampered shard fails with
+one clear message naming the file (and how to rebuild) instead of a Ray task error deep in a
+training run. It reads only Parquet footers, plus one sha256 pass over the files (cached per
+process by size, mtime and inode; about 0.1 s for Fashion-MNIST's 55 MB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dtlray.data.layout import DatasetInfo, resolve_root
+from dtlray.errors import DtlrayError
+
+if TYPE_CHECKING:
+    import ray.data
+
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+
+# (path, size, mtime_ns, inode) -> sha256 of files already hashed by this process
+_HASHED: dict[tuple[str, int, int, int], str] = {}
+
+
+def rebuild_hint(info: DatasetInfo) -> str:
+    """The command that rebuilds ``info``'s dataset, for error messages."""
+    arguments = info.provenance.arguments
+    if info.provenance.builder == "image-folder":
+        command = (
+            f"dtlray data prepare --image-folder {arguments['image_folder']} --name {info.name}"
+        )
+    else:
+        command = f"dtlray data prepare {info.name}"
+    if info.path.parent != resolve_root(None):
+        command += f" --root {info.path.parent}"
+    return f"`{command} --force`"
+
+
+def validate_split(info: DatasetInfo, split: str, *, check_hashes: bool = True) -> None:
+    """Check a split's files against ``dataset.json`` before reading them.
+
+    Checks, per part file: it is exactly the set listed (no missing, no extra ``part-*``), its size
+    and row count match, its Parquet schema has a binary ``image`` and an integer ``label``
+    column, and the label statistics lie in ``[0, num_classes)``; then (``check_hashes``) that
+    its sha256 matches. Only Parquet footers are read, besides the hash pass.
+
+    Args:
+        info: The dataset (from :func:`dtlray.data.load_info`).
+        split: ``train``, ``val`` or ``test``.
+        check_hashes: Also compare every file's sha256 with ``dataset.json``.
+
+    Raises:
+        DtlrayError: Unknown split, or any mismatch; the message names the file and the fix.
+    """
+    listed = info.split_files(split)
+    fix = f"rebuild the dataset with {rebuild_hint(info)}"
+    split_dir = info.path / split
+    present = set(split_dir.glob("part-*.parquet")) if split_dir.is_dir() else set()
+    for path in listed:
+        if path not in present:
+            raise DtlrayError(f"{path} is listed in dataset.json but missing: {fix}")
+    extra = sorted(present - set(listed))
+    if extra:
+        raise DtlrayError(f"{extra[0]} is not listed in dataset.json: remove it, or {fix}")
+
+    for path, shard in zip(listed, info.files[split], strict=True):
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise DtlrayError(
+                f"{path} has {size} bytes but dataset.json says {shard.bytes} (truncated or "
+                f"changed): {fix}"
+            )
+        try:
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as err:
+            raise DtlrayError(f"{path} is not a readable Parquet file ({err}): {fix}") from err
+        _check_schema(path, schema, fix)
+        if metadata.num_rows != shard.rows:
+            raise DtlrayError(
+                f"{path} has {metadata.num_rows} rows but dataset.json says {shard.rows}: {fix}"
+            )
+        _check_label_range(path, metadata, schema, info.num_classes, fix)
+
+    if check_hashes:
+        for path, shard in zip(listed, info.files[split], strict=True):
+            if _sha256(path) != shard.sha256:
+                raise DtlrayError(
+                    f"{path} does not match the sha256 in dataset.json (changed after it was "
+                    f"prepared): {fix}"
+                )
+
+
+def _check_schema(path: Path, schema: pa.Schema, fix: str) -> None:
+    for column, ok, wanted in (
+        (IMAGE_COLUMN, lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
+        (LABEL_COLUMN, pa.types.is_integer, "integer"),
+    ):
+        index = schema.get_field_index(column)
+        if index < 0:
+            raise DtlrayError(f"{path} has no {column!r} column (columns: {schema.names}): {fix}")
+        if not ok(schema.field(index).type):
+            raise DtlrayError(
+                f"{path} column {column!r} is {schema.field(index).type}, expected {wanted}: {fix}"
+            )
+
+
+def _check_label_range(
+    path: Path, metadata: pq.FileMetaData, schema: pa.Schema, num_classes: int, fix: str
+) -> None:
+    column = schema.get_field_index(LABEL_COLUMN)
+    low: int | None = None
+    high: int | None = None
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        if row_group.num_rows == 0:
+            continue
+        stats = row_group.column(column).statistics
+        if stats is None or not stats.has_min_max:  # written without statistics: read the column
+            labels = pq.read_table(path, columns=[LABEL_COLUMN])[LABEL_COLUMN]
+            low, high = pc.min(labels).as_py(), pc.max(labels).as_py()
+            break
+        low = stats.min if low is None else min(low, stats.min)
+        high = stats.max if high is None else max(high, stats.max)
+    if low is not None and high is not None and (low < 0 or high >= num_classes):
+        raise DtlrayError(
+            f"{path} has labels in [{low}, {high}], outside [0, {num_classes}) for the "
+            f"dataset's {num_classes} classes: {fix}"
+        )
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _HASHED:
+        with open(path, "rb") as handle:
+            _HASHED[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _HASHED[key]
+
+
+def open_split(
+    info: DatasetInfo, split: str, *, shuffle_files: bool = False, **read_kwargs: Any
+) -> ray.data.Dataset:
+    """Validate a split, then open its part files as a streaming Ray Dataset.
+
+    Args:
+        info: The dataset.
+        split: ``train``, ``val`` or ``test``.
+        shuffle_files: Read the part files in a new random order every epoch
+            (``shuffle="files"``); rows inside a file were already shuffled when prepared.
+        **read_kwargs: Passed on to :func:`ray.data.read_parquet` (e.g. ``override_num_blocks``).
+
+    Returns:
+        A dataset with columns ``image`` (binary) and ``label`` (int64); decode batches with
+        :func:`dtlray.data.decode_images` or :func:`dtlray.data.make_collate_fn`.
+
+    Raises:
+        DtlrayError: See :func:`validate_split`.
+    """
+    import ray.data
+
+    validate_split(info, split)
+    return ray.data.read_parquet(
+        [str(path) for path in info.split_files(split)],
+        shuffle="files" if shuffle_files else None,
+        **read_kwargs,
+    )
+
+
+def read_split_table(info: DatasetInfo, split: str) -> pa.Table:
+    """Validate a split, then read it whole into one Arrow table on this process.
+
+    For small data (the target datasets) where a streaming pipeline costs more than it saves.
+
+    Args:
+        info: The dataset.
+        split: ``train``, ``val`` or ``test``.
+
+    Returns:
+        A table with columns ``image`` (binary) and ``label`` (int64), in file order.
+
+    Raises:
+        DtlrayError: See :func:`validate_split`.
+    """
+    validate_split(info, split)
+    tables = [
+        pq.read_table(path, columns=[IMAGE_COLUMN, LABEL_COLUMN])
+        for path in info.split_files(split)
+    ]
+    return pa.concat_tables(tables)
+
+
+def describe_dataset(info: DatasetInfo) -> str:
+    """One line about a dataset: rows per split, classes, shape and where it is."""
+    height, width, channels = info.image_shape
+    rows = ", ".join(f"{split} {count:,}" for split, count in info.splits.items())
+    return (
+        f"{info.name}: {info.num_rows:,} rows ({rows}), {info.num_classes} classes, "
+        f"{height}x{width}x{channels}, in {info.path}"
+    )
