@@ -87,7 +87,7 @@ class StageConfig(_Section):
     """Optimiser settings shared by both stages (SGD with Nesterov momentum)."""
 
     epochs: int = Field(default=2, ge=1, le=10_000)
-    batch_size: int = Field(default=128, ge=1, le=65_536, description="Per worker.")
+    batch_size: int = Field(default=128, ge=2, le=65_536, description="Per worker.")
     lr: float = Field(default=0.05, gt=0.0, le=10.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
@@ -112,7 +112,7 @@ class FinetuneConfig(StageConfig):
     """Stage 2: finetune on the targets, one fresh head per target."""
 
     epochs: int = Field(default=3, ge=1, le=10_000)
-    batch_size: int = Field(default=64, ge=1, le=65_536, description="Per worker, all tasks.")
+    batch_size: int = Field(default=64, ge=2, le=65_536, description="Per worker, all tasks.")
     lr: float = Field(default=0.01, gt=0.0, le=10.0)
     schedule: Literal["cosine", "constant", "step"] = "constant"
     init: Literal["stage1", "scratch"] = Field(
@@ -259,9 +259,7 @@ def set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if not isinstance(node, dict) or part not in node:
-            raise DtlrayError(
-                f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}"
-            )
+            raise DtlrayError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
         if last:
             node[part] = value
         else:

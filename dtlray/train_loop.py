@@ -269,7 +269,7 @@ def run_stage(
     """
     train_data = {t.name: _train_source(t, spec, stream_keys) for t in spec.tasks}
     _agree_on_sizes(train_data, env)
-    val_data = {t.name: _read_split(t.val_key, t.meta) for t in spec.tasks}
+    val_data = {t.name: read_shard(t.val_key, t.meta) for t in spec.tasks}
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec.optim)
     start_epoch = 0
@@ -296,7 +296,7 @@ def run_stage(
         metrics["epoch"] = epoch + 1
         last = epoch == spec.optim.epochs - 1
         if last and run_test:
-            test_data = {t.name: _read_split(t.test_key, t.meta) for t in spec.tasks if t.test_key}
+            test_data = {t.name: read_shard(t.test_key, t.meta) for t in spec.tasks if t.test_key}
             test = evaluate(model, spec.tasks, test_data, env)
             metrics.update(_stage_metrics(spec, None, test, "test"))
         if env.rank == 0:
@@ -400,7 +400,8 @@ class StreamingSplit:
     meta: DatasetMeta
 
 
-def _read_split(key: str, meta: DatasetMeta) -> InMemorySplit:
+def read_shard(key: str, meta: DatasetMeta) -> InMemorySplit:
+    """Decode this worker's shard of dataset ``key`` into memory (uint8, stored size)."""
     shard = ray.train.get_dataset_shard(key)
     images, labels = [], []
     for batch in shard.iter_batches(batch_size=_DECODE_BATCH_ROWS, batch_format="pyarrow"):
@@ -419,7 +420,7 @@ def _train_source(
         if len(spec.tasks) != 1:
             raise RuntimeError("streaming train data is supported for single-task stages only")
         return StreamingSplit(task.train_key, task.meta)
-    return _read_split(task.train_key, task.meta)
+    return read_shard(task.train_key, task.meta)
 
 
 def _model_input(images: torch.Tensor, env: WorkerEnv, augment: bool) -> torch.Tensor:
@@ -458,7 +459,7 @@ def _step_batches(
         for batch in shard.iter_batches(
             batch_size=batch_size,
             batch_format="pyarrow",
-            drop_last=False,
+            drop_last=True,  # a batch of one would break BatchNorm in training mode
             local_shuffle_buffer_size=batch_size * 16,
             local_shuffle_seed=env.seed + 1000 * epoch + env.rank,
         ):
@@ -470,7 +471,9 @@ def _step_batches(
     splits = {name: split for name, split in data.items() if isinstance(split, InMemorySplit)}
     sizes = {name: len(split) for name, split in splits.items()}
     total = sum(sizes.values())
-    steps = max(1, math.ceil(total / batch_size))
+    # Floor, so every step has at least batch_size rows: BatchNorm in training mode cannot
+    # normalise a batch of one, and a tiny last step would be a noisy update anyway.
+    steps = max(1, total // batch_size)
     generator = torch.Generator().manual_seed(env.seed * 1_000_003 + epoch * 101 + env.rank)
     chunks = {}
     for name, size in sizes.items():

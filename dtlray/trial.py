@@ -37,6 +37,7 @@ from dtlray.train_loop import WorkerPlan, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE_PATH = "~/dtlray_results"
+SMALL_SPLIT_BYTES = 256 * 2**20
 
 
 def resolve_storage_path(path: str | None) -> str:
@@ -84,16 +85,36 @@ def select_label_budget(
     return np.sort(np.concatenate(chosen))
 
 
+def _split_dataset(
+    info: DatasetInfo, split: str, rows: np.ndarray | int | None = None
+) -> ray.data.Dataset:
+    """A split as a Ray Dataset: the whole split, its first ``rows`` rows, or the rows listed.
+
+    Splits under :data:`SMALL_SPLIT_BYTES` are read once here and handed over in memory
+    (``from_arrow``): every Ray Data read pipeline costs seconds of start-up on each pass, which
+    dominates a trial whose targets are a few hundred images. Larger splits stream from Parquet.
+    """
+    size = info.splits[split] * _row_bytes(info)
+    if size > SMALL_SPLIT_BYTES and not isinstance(rows, np.ndarray):
+        ds = open_split(info, split, shuffle_files=split == "train")
+        return ds if rows is None else ds.limit(rows)
+    table = read_split_table(info, split)
+    if isinstance(rows, np.ndarray):
+        table = table.take(rows)
+    elif rows is not None:
+        table = table.slice(0, rows)
+    return ray.data.from_arrow(table)
+
+
 def _target_train(info: DatasetInfo, cfg: TrialConfig) -> ray.data.Dataset:
     budget = cfg.stage2
     if budget.samples_per_class is None and budget.train_fraction is None:
-        return open_split(info, "train", shuffle_files=True)
-    # Targets are small by nature (that is the point of transfer); the budget is chosen on the
-    # driver from the label column and the chosen rows become an in-memory Ray Dataset.
-    table = read_split_table(info, "train")
-    labels = table.column("label").to_numpy()
+        return _split_dataset(info, "train")
+    # The budget is chosen from the label column: stratified, seeded, so every trial with the
+    # same seed finetunes on the same examples.
+    labels = read_split_table(info, "train").column("label").to_numpy()
     keep = select_label_budget(labels, budget.samples_per_class, budget.train_fraction, cfg.seed)
-    return ray.data.from_arrow(table.take(keep))
+    return _split_dataset(info, "train", keep)
 
 
 def stage1_location(cfg: TrialConfig, storage_path: str) -> tuple[str, str] | None:
@@ -150,9 +171,9 @@ def build_trainer(
     datasets: dict[str, ray.data.Dataset] = {}
     for name, info in infos.items():
         datasets[dataset_key("finetune", name, "train")] = _target_train(info, cfg)
-        datasets[dataset_key("finetune", name, "val")] = open_split(info, "val")
+        datasets[dataset_key("finetune", name, "val")] = _split_dataset(info, "val")
         if run_test:
-            datasets[dataset_key("finetune", name, "test")] = open_split(info, "test")
+            datasets[dataset_key("finetune", name, "test")] = _split_dataset(info, "test")
 
     stream_keys: list[str] = []
     if cfg.stage2.init == "scratch":
@@ -163,14 +184,12 @@ def build_trainer(
         s1_dir = stage1_dir(storage_path, cfg.stage1_key(source.fingerprint))
         mode = stage1_mode or ("load" if has_stage1(s1_dir) else "compute")
         if mode == "compute":
-            train = open_split(source, "train", shuffle_files=True)
             rows = source.splits["train"]
             if cfg.data.source_max_rows is not None:
-                train = train.limit(cfg.data.source_max_rows)
                 rows = min(rows, cfg.data.source_max_rows)
             key = dataset_key("pretrain", source.name, "train")
-            datasets[key] = train
-            datasets[dataset_key("pretrain", source.name, "val")] = open_split(source, "val")
+            datasets[key] = _split_dataset(source, "train", cfg.data.source_max_rows)
+            datasets[dataset_key("pretrain", source.name, "val")] = _split_dataset(source, "val")
             per_worker_mb = rows * _row_bytes(source) / cfg.resources.num_workers / 2**20
             if per_worker_mb > cfg.data.in_memory_max_mb:
                 stream_keys.append(key)
@@ -241,7 +260,9 @@ class SplitTrainOnlyDataConfig(ray.train.DataConfig):
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
         if world_size == 1:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            return super().configure(
+                datasets, world_size, worker_handles, worker_node_ids, **kwargs
+            )
         output: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             if ds.name is None:

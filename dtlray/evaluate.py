@@ -1,0 +1,81 @@
+"""Evaluate a finetune checkpoint on a split (the chosen trial's test accuracy).
+
+A search picks its best trial on validation accuracy only; the test splits are read once, here,
+for that trial. The checkpoint carries the config that built it, so it rebuilds its own model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pyarrow.fs as pafs
+import torch
+
+from dtlray.config import TrialConfig
+from dtlray.data import decode_uint8, read_split_table
+from dtlray.models import build_transfer_model
+from dtlray.stages import finetune_stage
+from dtlray.train_loop import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_META,
+    InMemorySplit,
+    WorkerEnv,
+    evaluate,
+)
+from dtlray.trial import ensure_dataset, metas_for
+
+
+def _open(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def evaluate_checkpoint(checkpoint_path: str, split: str = "test") -> dict[str, float]:
+    """Accuracy of a finetune checkpoint on ``split`` of every target.
+
+    Returns:
+        ``{"target/<task>/<split>_acc": ..., "target/<split>_acc": mean over tasks}``.
+    """
+    fs, root = _open(checkpoint_path)
+    with fs.open_input_stream(f"{root}/{CHECKPOINT_META}") as f:
+        meta = json.loads(f.read())
+    with fs.open_input_stream(f"{root}/{CHECKPOINT_FILE}") as f:
+        state = torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
+    cfg = TrialConfig.from_dict(meta["config"])
+    infos = {name: ensure_dataset(name, cfg.data.root) for name in cfg.data.targets}
+    spec = finetune_stage(cfg, metas_for(infos))
+    model = build_transfer_model(
+        backbone=cfg.model.backbone,
+        in_channels=cfg.data.channels,
+        small_input=cfg.small_input,
+        weights=None,  # the checkpoint has every weight
+        fusion_depth=cfg.model.fusion_depth,
+        fusion_width=cfg.model.fusion_width,
+        heads=spec.heads,
+        head_dropout=cfg.model.head_dropout,
+        fusion_dropout=cfg.model.fusion_dropout,
+    )
+    model.load_state_dict(state["model"])
+    env = WorkerEnv(
+        rank=0,
+        world_size=1,
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        seed=cfg.seed,
+        image_size=cfg.data.image_size,
+        channels=cfg.data.channels,
+    )
+    model.to(env.device)
+    data = {}
+    for task in spec.tasks:
+        table = read_split_table(infos[task.name], split)
+        data[task.name] = InMemorySplit(
+            decode_uint8(table.column("image"), task.meta.image_shape),
+            torch.from_numpy(table.column("label").to_numpy().astype("int64")),
+        )
+    results = evaluate(model, spec.tasks, data, env)
+    metrics = {f"target/{name}/{split}_acc": acc for name, (acc, _) in results.items()}
+    metrics[f"target/{split}_acc"] = sum(acc for acc, _ in results.values()) / len(results)
+    return metrics
