@@ -1,0 +1,469 @@
+"""What dtlray's Ray Train epoch loop costs against a plain PyTorch loop doing the same work.
+
+Measures, in one run on this machine:
+
+* **plain**: a single-process PyTorch loop (no Ray) over the same model, the same target data
+  with the same label budget, the same per-step batching (every step takes from each target a
+  share proportional to its size), the same loss, optimiser and thread count. It runs twice,
+  before Ray starts and after it stops, so drift in machine load shows as a gap between the two.
+* **dtlray**: a real stage-2 trial (``stage2.init: scratch``, so no stage 1; one worker) built by
+  :func:`dtlray.trial.build_trainer` and run by :func:`dtlray.trial.run_trainer` on a private
+  local Ray. Every report is collected by a Ray Train callback on the controller.
+
+How to read the output:
+
+* The samples/s columns compare the **train pass of an epoch only**: dtlray's
+  ``train/samples_per_s`` does not count validation, checkpointing or reporting, and the plain
+  loop does none of those. Epoch 1 is warm-up and excluded on both sides; the ratio is
+  ``median(dtlray) / median(plain)`` over the remaining epochs (plain pools both of its runs).
+  The goal is a ratio of at least 0.95. The train losses of the last epoch should agree closely:
+  both sides start from the same weights and see the same batches in the same order.
+* The **fixed cost** is what a trial pays whatever its length: the driver's ``build_trainer``,
+  the start-up before epoch 1 (controller, worker group, dataset hand-off, model build) and the
+  tail after the last report (controller poll, worker-group shutdown). Start-up is the time from
+  ``run_trainer`` to the worker's first report minus epoch 1's train pass and a typical epoch's
+  non-train part (the median of later epochs). Worker-side report times are the modification
+  times of each persisted checkpoint (written by the worker inside ``ray.train.report``); the
+  controller only sees reports when it polls (every 2 s), which is too coarse for this.
+* The per-epoch part outside the train pass (validation, checkpoint save and upload, report) is
+  printed on its own: it is paid every epoch, but neither side's samples/s includes it.
+
+Run from the repository root (about 2 minutes on 2 cores with the defaults)::
+
+    .venv/bin/python bench/train_overhead.py
+    .venv/bin/python bench/train_overhead.py --threads 2 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.nn.functional as F
+
+from dtlray.config import TrialConfig
+from dtlray.data import decode_uint8, load_info, prepare_builtin, read_split_table, to_model_input
+from dtlray.models import TransferModel, build_transfer_model
+from dtlray.search_space import load_space
+from dtlray.trial import build_trainer, init_ray, run_trainer, select_label_budget
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_SPACE = REPO_ROOT / "search_spaces" / "tiny.yaml"
+RUN_NAME = "train-overhead"
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see ``--help``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="per side; the first is warm-up (excluded)"
+    )
+    parser.add_argument(
+        "--samples-per-class", type=int, default=100, help="label budget applied to the targets"
+    )
+    parser.add_argument("--targets", default="digits,faces", help="comma-separated")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="prepared data root (default: built-in datasets prepared in a temporary directory)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads = resources.cpus_per_worker"
+    )
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (epoch 1 is warm-up)")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def build_config(args: argparse.Namespace, data_root: str) -> TrialConfig:
+    """The tiny space's trial with only stage 2 (from scratch) on one worker, sized by ``args``."""
+    base = load_space(TINY_SPACE).trial_config()
+    return TrialConfig.from_flat(
+        {
+            "data.root": data_root,
+            "data.targets": [t.strip() for t in args.targets.split(",") if t.strip()],
+            "data.image_size": args.image_size,
+            "data.channels": args.channels,
+            "model.backbone": args.backbone,
+            "stage2.init": "scratch",
+            "stage2.epochs": args.epochs,
+            "stage2.batch_size": args.batch_size,
+            "stage2.samples_per_class": args.samples_per_class,
+            "resources.num_workers": 1,
+            "resources.cpus_per_worker": float(args.threads),
+            "resources.use_gpu": False,
+            "resources.max_failures": 0,  # a failed run is a failed benchmark, not a retry
+        },
+        base=base,
+    )
+
+
+# -- the plain side -----------------------------------------------------------------------------
+
+
+@dataclass
+class TargetData:
+    """One target's train rows after the label budget, decoded once (as the dtlray worker does)."""
+
+    name: str
+    num_classes: int
+    images: torch.Tensor  # (N, C, H, W) uint8, stored size
+    labels: torch.Tensor  # (N,) int64
+
+
+@dataclass
+class EpochStats:
+    """The train pass of one epoch."""
+
+    samples: int
+    seconds: float
+    loss: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds
+
+
+def load_targets(cfg: TrialConfig) -> list[TargetData]:
+    """The targets' train splits with the trial's label budget (same rows, same order)."""
+    targets = []
+    for name in cfg.data.targets:
+        info = load_info(name, cfg.data.root)
+        table = read_split_table(info, "train")
+        keep = select_label_budget(
+            table.column("label").to_numpy(),
+            cfg.stage2.samples_per_class,
+            cfg.stage2.train_fraction,
+            cfg.seed,
+        )
+        table = table.take(keep)
+        targets.append(
+            TargetData(
+                name=name,
+                num_classes=info.num_classes,
+                images=decode_uint8(table.column("image"), info.image_shape),
+                labels=torch.from_numpy(table.column("label").to_numpy().astype(np.int64)),
+            )
+        )
+    return targets
+
+
+def build_model(cfg: TrialConfig, targets: Sequence[TargetData]) -> TransferModel:
+    """The worker's model, seeded as the worker seeds it (so both sides start identical)."""
+    heads = {t.name: t.num_classes for t in targets}
+    torch.manual_seed(cfg.seed)
+    model = build_transfer_model(
+        backbone=cfg.model.backbone,
+        in_channels=cfg.data.channels,
+        small_input=cfg.small_input,
+        weights=cfg.model.weights,
+        fusion_depth=cfg.model.fusion_depth,
+        fusion_width=cfg.model.fusion_width,
+        heads=heads,
+        head_dropout=cfg.model.head_dropout,
+        fusion_dropout=cfg.model.fusion_dropout,
+    )
+    torch.manual_seed(cfg.seed + 1)
+    model.reset_heads(heads)
+    return model
+
+
+def build_sgd(model: TransferModel, cfg: TrialConfig) -> torch.optim.SGD:
+    """SGD with Nesterov momentum and the stage-2 learning rate per parameter group."""
+    stage = cfg.stage2
+    groups = [
+        {"params": params, "lr": stage.lr * stage.lr_mult(name)}
+        for name, params in model.param_groups().items()
+        if params
+    ]
+    return torch.optim.SGD(
+        groups,
+        lr=stage.lr,
+        momentum=stage.momentum,
+        nesterov=stage.nesterov,
+        weight_decay=stage.weight_decay,
+    )
+
+
+def plain_train_epoch(
+    model: TransferModel,
+    optimizer: torch.optim.Optimizer,
+    targets: Sequence[TargetData],
+    cfg: TrialConfig,
+    epoch: int,
+) -> EpochStats:
+    """One pass over every target, one mixed batch per step; timed like dtlray's train pass."""
+    model.train()
+    start = time.perf_counter()
+    total = sum(len(t.labels) for t in targets)
+    steps = max(1, total // cfg.stage2.batch_size)  # floor: every step has >= batch_size rows
+    # The worker's shuffle (rank 0), so both sides see the same batches in the same order.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101)
+    chunks = []
+    for t in targets:
+        order = torch.randperm(len(t.labels), generator=generator)
+        if len(order) < steps:  # a tiny target: cycle it so every step has one of its rows
+            order = order.repeat(math.ceil(steps / max(len(order), 1)))
+        chunks.append(torch.tensor_split(order, steps))
+    seen, loss_sum = 0, 0.0
+    for step in range(steps):
+        parts = [(t, chunk[step]) for t, chunk in zip(targets, chunks, strict=True)]
+        x = torch.cat(
+            [
+                to_model_input(t.images[idx], cfg.data.image_size, cfg.data.channels)
+                for t, idx in parts
+            ]
+        )
+        logits = model(x)
+        losses, offset = [], 0
+        for t, idx in parts:
+            n = len(idx)
+            losses.append(F.cross_entropy(logits[t.name][offset : offset + n], t.labels[idx]))
+            offset += n
+        loss = torch.stack(losses).mean()  # every target weighs the same
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * offset
+        seen += offset
+    return EpochStats(seen, time.perf_counter() - start, loss_sum / max(seen, 1))
+
+
+def run_plain(cfg: TrialConfig, threads: int) -> tuple[list[EpochStats], float]:
+    """All epochs of the plain loop; returns per-epoch stats and the set-up seconds."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    targets = load_targets(cfg)
+    model = build_model(cfg, targets)
+    optimizer = build_sgd(model, cfg)
+    setup = time.perf_counter() - start
+    stats = [plain_train_epoch(model, optimizer, targets, cfg, e) for e in range(cfg.stage2.epochs)]
+    return stats, setup
+
+
+# -- the dtlray side ----------------------------------------------------------------------------
+
+
+class ReportLog(ray.train.UserCallback):
+    """Appends every report to a JSON-lines file.
+
+    Runs in the Train controller actor, not in this process, so a file is the way back. Each line
+    holds rank 0's metrics and the newest modification time in the persisted checkpoint, which
+    the worker wrote inside ``ray.train.report``: the controller sees a report only at its next
+    poll of the workers (every 2 s), so its own clock would be up to 2 s late.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(
+        self,
+        run_context: Any,
+        metrics: list[dict[str, Any]],
+        checkpoint: ray.train.Checkpoint | None,
+    ) -> None:
+        written, size = None, 0
+        if checkpoint is not None:
+            files = [p for p in Path(checkpoint.path).rglob("*") if p.is_file()]
+            written = max(p.stat().st_mtime for p in files)
+            size = sum(p.stat().st_size for p in files)
+        record = {"metrics": metrics[0], "written": written, "checkpoint_bytes": size}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class DtlrayRun:
+    """What the dtlray side measured."""
+
+    epochs: list[EpochStats]
+    report_times: list[float]  # time.time() of each persisted checkpoint
+    checkpoint_bytes: int
+    build_seconds: float
+    fit_start: float  # time.time()
+    fit_end: float  # time.time()
+
+
+def run_dtlray(cfg: TrialConfig, storage: str) -> DtlrayRun:
+    """Build and run the trial on the running Ray; collect every epoch's report."""
+    reports_file = os.path.join(storage, "reports.jsonl")
+    start = time.perf_counter()
+    trainer, _ = build_trainer(
+        cfg,
+        storage_path=storage,
+        run_name=RUN_NAME,
+        callbacks=[ReportLog(reports_file)],
+        run_test=False,  # as in a search trial: test splits are for the winner only
+    )
+    build_seconds = time.perf_counter() - start
+    # Wall-clock stamps here: they are compared with file times written by another process.
+    fit_start = time.time()
+    run_trainer(trainer)
+    fit_end = time.time()
+
+    with open(reports_file) as f:
+        records = [json.loads(line) for line in f]
+    if len(records) != cfg.stage2.epochs or any(r["written"] is None for r in records):
+        raise RuntimeError(f"expected {cfg.stage2.epochs} reports with checkpoints: {records}")
+    epochs = [
+        EpochStats(
+            samples=round(
+                r["metrics"]["train/samples_per_s"] * r["metrics"]["train/epoch_seconds"]
+            ),
+            seconds=r["metrics"]["train/epoch_seconds"],
+            loss=r["metrics"]["train/loss"],
+        )
+        for r in records
+    ]
+    return DtlrayRun(
+        epochs=epochs,
+        report_times=[r["written"] for r in records],
+        checkpoint_bytes=records[-1]["checkpoint_bytes"],
+        build_seconds=build_seconds,
+        fit_start=fit_start,
+        fit_end=fit_end,
+    )
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def median_rate(runs: Sequence[Sequence[EpochStats]]) -> float:
+    """Median samples/s over the measured (non-warm-up) epochs of ``runs``, pooled."""
+    return statistics.median(e.samples_per_s for run in runs for e in run[1:])
+
+
+def print_report(
+    cfg: TrialConfig,
+    before: list[EpochStats],
+    after: list[EpochStats],
+    plain_setup: float,
+    dtlray: DtlrayRun,
+) -> None:
+    """The side-by-side table, the ratio and the fixed cost."""
+    print("\nsamples/s of the train pass of each epoch (validation and checkpoints excluded)")
+    print(f"{'epoch':<14}{'plain before':>14}{'dtlray':>14}{'plain after':>14}")
+    for i in range(cfg.stage2.epochs):
+        label = f"{i + 1}" + (" (warm-up)" if i == 0 else "")
+        row = (before[i], dtlray.epochs[i], after[i])
+        print(f"{label:<14}" + "".join(f"{e.samples_per_s:>14.1f}" for e in row))
+    d_med = median_rate([dtlray.epochs])
+    p_before, p_after = median_rate([before]), median_rate([after])
+    p_med = median_rate([before, after])
+    print(f"{'median 2..':<14}{p_before:>14.1f}{d_med:>14.1f}{p_after:>14.1f}")
+    print(
+        f"last-epoch train loss: plain {before[-1].loss:.4f} / {after[-1].loss:.4f}, "
+        f"dtlray {dtlray.epochs[-1].loss:.4f} (same start, same batches: should agree)"
+    )
+    print(f"plain reference (median of both runs' measured epochs): {p_med:.1f} samples/s")
+    print(f"RATIO dtlray / plain = {d_med / p_med:.3f}  (goal >= 0.95)")
+
+    # Per epoch outside the train pass: worker time between two reports minus the train pass.
+    times = dtlray.report_times
+    non_train = [times[i] - times[i - 1] - dtlray.epochs[i].seconds for i in range(1, len(times))]
+    typical = statistics.median(non_train)
+    startup = times[0] - dtlray.fit_start - dtlray.epochs[0].seconds - typical
+    tail = dtlray.fit_end - times[-1]
+    wall = dtlray.fit_end - dtlray.fit_start
+    print("\ndtlray fixed cost per trial (paid once, whatever the number of epochs)")
+    print(
+        f"  build_trainer (driver: read targets, make Ray datasets)  {dtlray.build_seconds:6.2f} s"
+    )
+    print(f"  start-up before epoch 1 (workers, data hand-off, model)  {startup:6.2f} s")
+    print(f"  after the last report (controller poll, shutdown)        {tail:6.2f} s")
+    fixed = dtlray.build_seconds + startup + tail
+    print(f"  FIXED TOTAL                                              {fixed:6.2f} s")
+    print(
+        f"  (run_trainer wall {wall:.2f} s = start-up + {len(times)} epochs "
+        f"{times[-1] - times[0] + dtlray.epochs[0].seconds + typical:.2f} s + tail; "
+        f"plain set-up for comparison: {plain_setup:.2f} s)"
+    )
+    checkpoint_mb = dtlray.checkpoint_bytes / 2**20
+    print(
+        f"dtlray per epoch outside the train pass (validation, {checkpoint_mb:.0f} MB checkpoint,"
+        f" report): median {typical:.2f} s [{', '.join(f'{s:.2f}' for s in non_train)}]"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Plain loop, dtlray trial, plain loop again; then the report."""
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dtlray-bench-") as tmp:
+        data_root = args.data_root or os.path.join(tmp, "data")
+        cfg = build_config(args, data_root)
+        if args.data_root is None:
+            for name in cfg.data.targets:
+                prepare_builtin(name, data_root)
+
+        rows = sum(len(t.labels) for t in load_targets(cfg))
+        print(
+            f"torch {torch.__version__} | ray {ray.__version__} | python "
+            f"{platform.python_version()} | {os.cpu_count()} CPUs "
+            f"({len(os.sched_getaffinity(0))} usable) | threads {args.threads} | "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"{cfg.model.backbone} (small_input={cfg.small_input}) at {cfg.data.image_size}px "
+            f"x{cfg.data.channels}, batch {cfg.stage2.batch_size}, targets "
+            f"{'+'.join(cfg.data.targets)}: {rows} train rows "
+            f"(<= {cfg.stage2.samples_per_class}/class), {cfg.stage2.epochs} epochs per side"
+        )
+
+        print("plain loop, before Ray ...", flush=True)
+        before, plain_setup = run_plain(cfg, args.threads)
+
+        print("dtlray trial on a private local Ray ...", flush=True)
+        ray.init(
+            address="local",
+            num_cpus=max(2, args.threads),
+            # Train V2's placement-group cleaner asks the State API whether the controller is
+            # alive. With the dashboard off, this cluster still advertises 127.0.0.1:8265 as its
+            # API server; another Ray instance's dashboard there answered "no such actor" and
+            # the cleaner removed the running trial's workers.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        try:
+            init_ray(None)  # Ray is up: this only applies dtlray's Ray Data settings
+            dtlray = run_dtlray(cfg, os.path.join(tmp, "storage"))
+        finally:
+            ray.shutdown()
+
+        print("plain loop, after Ray ...", flush=True)
+        after, _ = run_plain(cfg, args.threads)
+
+        print_report(cfg, before, after, plain_setup, dtlray)
+        print(f"load average at the end: {os.getloadavg()[0]:.2f} (other work on this machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
