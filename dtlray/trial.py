@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +167,7 @@ def build_trainer(
     Returns:
         The trainer and the plan its workers follow.
     """
+    quiet_ray_data()
     root = cfg.data.root
     infos = {name: ensure_dataset(name, root) for name in cfg.data.targets}
     datasets: dict[str, ray.data.Dataset] = {}
@@ -277,19 +279,58 @@ class SplitTrainOnlyDataConfig(ray.train.DataConfig):
         return output
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` (a cluster), else start an embedded local Ray (or join a running one).
+def quiet_ray_data() -> None:
+    """No per-dataset progress bars: from every worker they drown the per-epoch lines.
 
-    The Ray dashboard, when present, listens on 127.0.0.1 (Ray's default): nothing is exposed.
+    Datasets carry the context they were created under to the workers that read them, so this
+    runs in whichever process builds the datasets (the CLI driver or a Tune trial).
     """
-    # Per-dataset progress bars from every worker drown the per-epoch lines that matter.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def init_ray(address: str | None, **local_options: Any) -> str | None:
+    """Join the cluster at ``address``, or start an embedded local Ray when it is None.
+
+    The embedded Ray is always a new instance with its dashboard on a free 127.0.0.1 port, and
+    its processes are told that address (``RAY_API_SERVER_ADDRESS``). Train's placement-group
+    cleaner asks that API when Tune stops a trial; with two Ray instances on one host it cannot
+    tell which is its own, leaks the stopped trial's placement group, and the search hangs.
+
+    Args:
+        address: a cluster address (``auto``, ``HOST:PORT``, ``ray://...``) or None.
+        local_options: extra ``ray.init`` arguments for the embedded Ray (e.g. ``num_cpus``).
+
+    Returns:
+        The Ray dashboard's URL when this call started Ray with a dashboard, else None.
+    """
+    quiet_ray_data()
     if ray.is_initialized():
-        return
-    # Workers inherit the driver's stdout; one line per epoch from rank 0 is the progress.
-    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return None
+    if address is not None:
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return None
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Set before ray.init: the raylet and every worker inherit this process's environment.
+    os.environ["RAY_API_SERVER_ADDRESS"] = url
+    ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=True,  # rank 0's one line per epoch is the progress
+        logging_level=logging.WARNING,
+        **local_options,
+    )
+    return url
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_trainer(trainer: TorchTrainer) -> ray.train.Result:

@@ -1,28 +1,26 @@
-"""One real local Ray for the integration tests that train (started once, shut down at the end)."""
+"""One real local Ray for the integration tests (started once, shut down at the end)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import ray
 
+from dtlray.trial import init_ray
+
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A fresh local Ray with 2 CPUs and the dashboard.
+    """A fresh local Ray with 2 CPUs and its dashboard, started the way ``dtlray`` starts it.
 
-    The dashboard's HTTP server is what Train V2's placement-group cleaner talks to when Tune
-    stops a trial; without it stopped trials leak their placement groups and the next ones hang.
+    The dashboard's HTTP server is what Train V2's placement-group cleaner asks when Tune stops a
+    trial; ``init_ray`` points it at this instance even if another Ray runs on the machine.
     """
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-    )
+    init_ray(None, num_cpus=2)
     yield
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from dtlray.data import (
@@ -24,14 +22,7 @@ from dtlray.data import (
 from dtlray.errors import DtlrayError
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_open_split_streams_every_row_once(local_ray: None, tmp_path: Path) -> None:
+def test_open_split_streams_every_row_once(ray_cluster: None, tmp_path: Path) -> None:
     info = prepare_builtin("fashion-mnist", tmp_path, limit=12_000)  # train: 2 shards
     assert len(info.files["train"]) == 2
     dataset = open_split(info, "train", shuffle_files=True)
@@ -52,7 +43,7 @@ def test_open_split_streams_every_row_once(local_ray: None, tmp_path: Path) -> N
     assert pixel_sum == int(stored.sum(dtype=np.int64))
 
 
-def test_numpy_batches_decode_to_model_input(local_ray: None, data_root: Path) -> None:
+def test_numpy_batches_decode_to_model_input(ray_cluster: None, data_root: Path) -> None:
     info = load_info("digits", data_root)
     rows = 0
     for batch in open_split(info, "val").iter_batches(batch_size=100, batch_format="numpy"):
@@ -64,7 +55,7 @@ def test_numpy_batches_decode_to_model_input(local_ray: None, data_root: Path) -
 
 
 def test_open_split_validates_before_reading(
-    local_ray: None, data_root: Path, tmp_path: Path
+    ray_cluster: None, data_root: Path, tmp_path: Path
 ) -> None:
     shutil.copytree(data_root / "faces", tmp_path / "faces")
     info = load_info("faces", tmp_path)
