@@ -28,8 +28,129 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cli.add_parser(subparsers)
+    _add_check_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_tune_parser(subparsers)
     return parser
+
+
+def _add_check_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="validate a search-space file without starting Ray",
+        description="Validate a search space: keys, bounds, backbones, types. Starts no Ray.",
+    )
+    p.add_argument("spaces", metavar="SPACE.yaml", nargs="+", help="search-space file(s)")
+    p.set_defaults(handler=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from dtlray.search_space import load_space
+
+    for path in args.spaces:
+        space = load_space(path)
+        trial = space.trial
+        print(
+            f"{path}: ok — {space.num_samples} trials, {len(space.search)} searched "
+            f"({', '.join(space.search) or 'none'}), {space.searcher.type} searcher, "
+            f"{space.scheduler.type} scheduler (max {space.max_epochs} finetune epochs, first "
+            f"rung {space.grace_period}), objective {space.objective.metric} "
+            f"({space.objective.mode}); {trial.data.source} -> {', '.join(trial.data.targets)}"
+        )
+    return 0
+
+
+def _add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tune",
+        help="search a space with Ray Tune + Optuna (+ ASHA)",
+        description="Run a search: Optuna picks configurations, ASHA stops poor ones, trials "
+        "that share stage-1 settings pretrain once. Ends with the best config, its val and "
+        "test accuracy, saved as best.json in the experiment directory.",
+    )
+    p.add_argument("space", metavar="SPACE.yaml", help="a search-space file (search_spaces/)")
+    p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    p.add_argument("--storage-path", help="results directory or URI (default ~/dtlray_results)")
+    p.add_argument("--name", help="experiment name (default: <space>-<time>); needed to --resume")
+    p.add_argument("--num-samples", type=int, metavar="N", help="number of trials")
+    p.add_argument(
+        "--max-concurrent-trials", type=int, metavar="N", help="default: what the cluster fits"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the interrupted --name")
+    p.add_argument(
+        "--study-storage",
+        metavar="URL",
+        help="keep the Optuna study there (e.g. sqlite:///study.db) for optuna-dashboard",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a fixed trial value, e.g. --set stage2.epochs=2 (repeatable)",
+    )
+    p.set_defaults(handler=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dtlray.search import build_tuner, restore_tuner, summarize_best, unfinished_trials
+    from dtlray.search_space import load_space
+    from dtlray.trial import init_ray, resolve_storage_path
+
+    space = load_space(args.space)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise DtlrayError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.resume and not args.name:
+        raise DtlrayError("--resume needs the --name of the interrupted experiment")
+    storage_path = resolve_storage_path(args.storage_path)
+    dashboard = init_ray(args.address)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}", flush=True)
+    if args.resume:
+        tuner = restore_tuner(space, storage_path, args.name)
+    else:
+        tuner = build_tuner(
+            space,
+            storage_path=storage_path,
+            name=args.name,
+            num_samples=args.num_samples,
+            max_concurrent_trials=args.max_concurrent_trials,
+            study_storage=args.study_storage,
+            overrides=parse_overrides(args.overrides),
+        )
+    results = tuner.fit()
+    experiment_path = results.experiment_path
+    name = experiment_path.rstrip("/").rsplit("/", 1)[-1]
+    left = unfinished_trials(results, args.num_samples or space.num_samples)
+    if left:
+        print(
+            f"\ndtlray tune: interrupted with {left} trial(s) unfinished. Resume with:\n"
+            f"  dtlray tune {args.space} --storage-path {storage_path} --name {name} --resume",
+            flush=True,
+        )
+        return 130
+    summary = summarize_best(results, space, experiment_path)
+    _print_summary(summary, experiment_path)
+    return 0
+
+
+def _print_summary(summary: dict, experiment_path: str) -> None:
+    objective = summary["objective"]
+    print(f"\nbest trial {summary['trial_id']}: {objective['metric']} = {objective['value']:.4f}")
+    for key, value in summary["searched"].items():
+        print(f"  {key:<28} {value}")
+    for key, value in sorted(summary["val"].items()):
+        print(f"  {key:<28} {value:.4f}")
+    for key, value in sorted(summary.get("test", {}).items()):
+        print(f"  {key:<28} {value:.4f}")
+    reuse = summary["stage1"]
+    print(
+        f"stage 1: {reuse['misses']} computed, {reuse['hits']} reused "
+        f"({reuse['seconds_saved']:.0f} s of pretraining saved); "
+        f"{summary['trials']} trials, {summary['errors']} failed"
+    )
+    print(f"best.json and results: {experiment_path}")
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:

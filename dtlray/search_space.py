@@ -1,0 +1,263 @@
+"""Search-space YAML -> validated :class:`SearchSpace` -> Tune/Optuna domains.
+
+A space file names the fixed trial settings (``trial:``, any :class:`~dtlray.config.TrialConfig`
+field, nested), the searched parameters (``search:``, dotted config keys with a distribution),
+the searcher, the scheduler, the objective and the budget. Everything is checked when the file is
+loaded, without starting Ray: unknown keys, bad bounds, values the config would reject (an
+unknown backbone among the choices, a learning rate out of range) all fail here with the key and
+the fix.
+
+Example::
+
+    trial:
+      data: {source: fashion-mnist, targets: [digits, faces], image_size: 28, channels: 1}
+      stage2: {epochs: 4}
+    search:
+      model.backbone: {choices: [resnet18, vgg11_bn]}
+      model.fusion_depth: {type: int, low: 0, high: 2}      # Optuna-style: high is inclusive
+      stage2.lr: {type: float, low: 0.001, high: 0.1, log: true}
+    searcher: {type: optuna, seed: 0}
+    scheduler: {type: asha, grace_period: 2}
+    objective: {metric: target/val_acc, mode: max}
+    num_samples: 8
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dtlray.config import TrialConfig, format_validation_error, valid_keys
+from dtlray.errors import DtlrayError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatParam(_Strict):
+    """A float in ``[low, high]``, log-uniform when ``log``."""
+
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    log: bool = False
+    default: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FloatParam:
+        if not self.low < self.high:
+            raise ValueError(f"low < high must hold, but got (low={self.low}, high={self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0, but got low={self.low}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def center(self) -> float:
+        if self.log:
+            return math.sqrt(self.low * self.high)
+        return (self.low + self.high) / 2
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, int | float) and self.low <= value <= self.high
+
+
+class IntParam(_Strict):
+    """An int in ``[low, high]`` — both inclusive, as in Optuna."""
+
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    log: bool = False
+    default: int | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IntParam:
+        if not self.low <= self.high:
+            raise ValueError(f"low <= high must hold, but got (low={self.low}, high={self.high})")
+        if self.log and self.low < 1:
+            raise ValueError(f"log=true needs low >= 1, but got low={self.low}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def center(self) -> int:
+        return (self.low + self.high) // 2
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, int) and self.low <= value <= self.high
+
+
+class CategoricalParam(_Strict):
+    """One of ``choices``."""
+
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any] = Field(min_length=1)
+    default: Any = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> CategoricalParam:
+        if len({repr(c) for c in self.choices}) != len(self.choices):
+            raise ValueError(f"choices must be unique, got {self.choices}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return list(self.choices)
+
+    def center(self) -> Any:
+        return self.choices[0]
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class SearcherConfig(_Strict):
+    """How the next configuration is chosen."""
+
+    type: Literal["optuna", "random"] = "optuna"
+    seed: int = 0
+    n_startup_trials: int = Field(
+        default=4, ge=1, description="TPE: random trials before the model takes over."
+    )
+
+
+class SchedulerConfig(_Strict):
+    """How trials are stopped early (over finetune epochs)."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int | None = Field(
+        default=None,
+        ge=1,
+        description="First rung in finetune epochs; default about a third of stage2.epochs "
+        "(a first rung at 1 epoch cuts slow starters that would have won).",
+    )
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+
+
+class ObjectiveConfig(_Strict):
+    """What the search optimises."""
+
+    metric: str = "target/val_acc"
+    mode: Literal["max", "min"] = "max"
+
+
+class SearchSpace(_Strict):
+    """A validated search space (see the module docstring for the file format)."""
+
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    trial: TrialConfig = TrialConfig()
+    search: dict[str, Param] = Field(default_factory=dict)
+    searcher: SearcherConfig = SearcherConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    num_samples: int = Field(default=8, ge=1, le=100_000)
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="None: as many as the cluster's CPUs/GPUs can run."
+    )
+
+    @model_validator(mode="after")
+    def _check_search(self) -> SearchSpace:
+        keys = set(valid_keys())
+        for key, param in self.search.items():
+            if key not in keys:
+                raise ValueError(f"search.{key}: unknown config key; valid keys: {sorted(keys)}")
+            for value in param.values_to_check():
+                try:
+                    TrialConfig.from_flat({key: value}, base=self.trial)
+                except DtlrayError as err:
+                    raise ValueError(
+                        f"search.{key}: value {value!r} is not allowed: {err}"
+                    ) from None
+            if param.default is not None and not param.contains(param.default):
+                raise ValueError(
+                    f"search.{key}: default {param.default!r} is outside the distribution"
+                )
+        return self
+
+    @property
+    def grace_period(self) -> int:
+        """ASHA's first rung, in finetune epochs."""
+        epochs = self.max_epochs
+        if self.scheduler.grace_period is not None:
+            return min(self.scheduler.grace_period, epochs)
+        return max(1, round(epochs / 3))
+
+    @property
+    def max_epochs(self) -> int:
+        """The largest number of finetune epochs a trial can run (ASHA's max_t)."""
+        param = self.search.get("stage2.epochs")
+        if isinstance(param, IntParam):
+            return param.high
+        if isinstance(param, CategoricalParam):
+            return max(int(c) for c in param.choices)
+        return self.trial.stage2.epochs
+
+    def default_values(self) -> dict[str, Any]:
+        """A value for every searched key: its ``default``, else the fixed/config value when it
+        lies in the distribution, else the distribution's centre."""
+        fixed = self.trial.to_flat()
+        values = {}
+        for key, param in self.search.items():
+            if param.default is not None:
+                values[key] = param.default
+            elif param.contains(fixed[key]):
+                values[key] = fixed[key]
+            else:
+                values[key] = param.center()
+        return values
+
+    def trial_config(self, sampled: Mapping[str, Any] | None = None) -> TrialConfig:
+        """The trial for ``sampled`` values (defaults for any searched key not given)."""
+        values = {**self.default_values(), **(sampled or {})}
+        return TrialConfig.from_flat(values, base=self.trial)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file.
+
+    Raises:
+        DtlrayError: the file is missing, not YAML, or not a valid space (names the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DtlrayError(f"search space {str(path)!r} not found; see search_spaces/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DtlrayError(f"{path}: not valid YAML: {err}") from None
+    return parse_space(raw or {}, source=str(path))
+
+
+def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SearchSpace:
+    """Validate an already-loaded space mapping (see :func:`load_space`)."""
+    if not isinstance(raw, Mapping):
+        raise DtlrayError(f"{source}: a search space is a mapping of sections, got {type(raw)}")
+    raw = dict(raw)
+    search = raw.get("search") or {}
+    if isinstance(search, Mapping):
+        # A bare {choices: [...]} is categorical; the type key is optional there.
+        raw["search"] = {
+            key: ({"type": "categorical", **spec} if _is_bare_choices(spec) else spec)
+            for key, spec in search.items()
+        }
+    raw.setdefault("name", Path(source).stem if source.endswith((".yaml", ".yml")) else None)
+    try:
+        return SearchSpace.model_validate(raw)
+    except ValidationError as err:
+        raise DtlrayError(f"{source}: {format_validation_error(err)}") from None
+
+
+def _is_bare_choices(spec: Any) -> bool:
+    return isinstance(spec, Mapping) and "choices" in spec and "type" not in spec
