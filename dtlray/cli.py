@@ -17,6 +17,7 @@ from dtlray.errors import DtlrayError
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every subcommand registered."""
+    from dtlray import dashboard
     from dtlray.data import cli as data_cli
 
     parser = argparse.ArgumentParser(
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cli.add_parser(subparsers)
+    dashboard.add_parser(subparsers)
     _add_check_parser(subparsers)
     _add_train_parser(subparsers)
     _add_tune_parser(subparsers)
@@ -94,7 +96,15 @@ def _add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from dtlray.search import build_tuner, restore_tuner, summarize_best, unfinished_trials
+    import time
+
+    from dtlray.search import (
+        build_tuner,
+        restore_tuner,
+        running_marker,
+        summarize_best,
+        unfinished_trials,
+    )
     from dtlray.search_space import load_space
     from dtlray.trial import init_ray, resolve_storage_path
 
@@ -107,21 +117,24 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     dashboard = init_ray(args.address)
     if dashboard:
         print(f"Ray dashboard: {dashboard}", flush=True)
+    name = args.name or f"{space.name or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment_path = f"{storage_path.rstrip('/')}/{name}"
     if args.resume:
-        tuner = restore_tuner(space, storage_path, args.name)
+        tuner = restore_tuner(space, storage_path, name)
     else:
         tuner = build_tuner(
             space,
             storage_path=storage_path,
-            name=args.name,
+            name=name,
             num_samples=args.num_samples,
             max_concurrent_trials=args.max_concurrent_trials,
-            study_storage=args.study_storage,
+            study_storage=args.study_storage or "auto",
             overrides=parse_overrides(args.overrides),
         )
-    results = tuner.fit()
-    experiment_path = results.experiment_path
-    name = experiment_path.rstrip("/").rsplit("/", 1)[-1]
+    if args.study_storage is None and "://" not in experiment_path:
+        print(f"Optuna study: dtlray dashboard {experiment_path}", flush=True)
+    with running_marker(experiment_path):
+        results = tuner.fit()
     left = unfinished_trials(results, args.num_samples or space.num_samples)
     if left:
         print(
@@ -130,7 +143,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             flush=True,
         )
         return 130
-    summary = summarize_best(results, space, experiment_path)
+    summary = summarize_best(results, space, results.experiment_path)
     _print_summary(summary, experiment_path)
     return 0
 

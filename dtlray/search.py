@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import os
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from dtlray.trial import build_trainer, resolve_storage_path, run_trainer, stage
 log = logging.getLogger(__name__)
 
 BEST_FILE = "best.json"
+SPACE_FILE = "space.json"  # the resolved space, so reports know what was searched
+RUNNING_FILE = ".dtlray-running"
 # The Tune trial itself only waits on its trainer; its workers hold the real resources.
 TRIAL_DRIVER_CPU = 0.01
 
@@ -162,7 +165,7 @@ def build_tuner(
     name: str | None = None,
     num_samples: int | None = None,
     max_concurrent_trials: int | None = None,
-    study_storage: str | None = None,
+    study_storage: str | None = "auto",
     overrides: Mapping[str, Any] | None = None,
 ) -> tune.Tuner:
     """Build the ``Tuner`` for a search space. Ray must be initialised (it sizes concurrency).
@@ -173,7 +176,9 @@ def build_tuner(
         name: experiment name (default ``<space name>-<time>``).
         num_samples: override the space's number of trials.
         max_concurrent_trials: override the derived concurrency.
-        study_storage: an Optuna storage URL (e.g. ``sqlite:///study.db``) to persist the study.
+        study_storage: an Optuna storage URL (e.g. ``sqlite:///study.db``) for the study;
+            ``"auto"`` (default): ``<experiment>/optuna.db`` on local storage, so
+            ``dtlray dashboard`` can show it live; None: in memory only.
         overrides: flat config values (``{"stage2.epochs": 2}``) applied to the fixed trial.
 
     Returns:
@@ -199,6 +204,9 @@ def build_tuner(
             "or choose another --name"
         )
     start_claims(storage_path)
+    if study_storage == "auto":
+        study_storage = _default_study_storage(path)
+    _write_json(f"{path}/{SPACE_FILE}", space.model_dump(mode="json"))
     return tune.Tuner(
         _trainable(space, storage_path, name),
         tune_config=tune.TuneConfig(
@@ -221,6 +229,32 @@ def build_tuner(
             verbose=1,
         ),
     )
+
+
+def _default_study_storage(experiment_path: str) -> str | None:
+    if "://" in experiment_path:
+        log.info("study kept in memory: %s is not local (use --study-storage URL)", experiment_path)
+        return None
+    from dtlray.dashboard import study_url
+
+    os.makedirs(experiment_path, exist_ok=True)
+    return study_url(experiment_path)
+
+
+@contextlib.contextmanager
+def running_marker(experiment_path: str) -> Iterator[None]:
+    """``<experiment>/.dtlray-running`` (pid, host) while a search runs, so ``dtlray report``
+    can refuse a half-finished experiment. Local storage only."""
+    if "://" in experiment_path:
+        yield
+        return
+    marker = Path(experiment_path) / RUNNING_FILE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _trainable(space: SearchSpace, storage_path: str, name: str) -> Any:
@@ -315,6 +349,7 @@ def _write_json(path: str, payload: Mapping[str, Any]) -> None:
         with fs.open_output_stream(root) as f:
             f.write(json.dumps(payload, indent=2, default=str).encode())
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)

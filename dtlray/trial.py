@@ -232,6 +232,8 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
+            # Train's INFO lines repeat every metric per epoch; rank 0's line already says it.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=SplitTrainOnlyDataConfig(

@@ -1,0 +1,156 @@
+"""The search on real local Ray: Tune + Optuna (seeded TPE) + ASHA, stage-1 reuse, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dtlray
+from dtlray.dashboard import free_port
+from dtlray.search import summarize_best
+from dtlray.search_space import parse_space
+from dtlray.stage1_cache import CACHE_DIR
+
+TINY = Path("search_spaces/tiny.yaml")
+
+
+def _finetune_only_space(data_root: Path) -> dict:
+    """tiny.yaml searching finetune settings only: every trial shares one stage-1 config."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["trial"]["data"]["root"] = str(data_root)
+    raw["search"] = {
+        "stage2.lr": {"type": "float", "low": 0.003, "high": 0.1, "log": True},
+        "stage2.lr_mult_heads": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+    }
+    raw["num_samples"] = 4
+    raw["max_concurrent_trials"] = 2
+    raw["scheduler"] = {"type": "asha", "grace_period": 1}
+    return raw
+
+
+def test_search_shares_stage1_and_every_trial_reports(
+    ray_cluster: None, data_root: Path, tmp_path: Path
+) -> None:
+    space = parse_space(_finetune_only_space(data_root))
+    tuner = dtlray.build_tuner(space, storage_path=str(tmp_path), name="shared")
+    results = tuner.fit()  # a normal ResultGrid
+
+    assert len(results) == 4
+    assert results.num_errors == 0, [r.error for r in results]
+    for result in results:
+        assert "target/val_acc" in result.metrics
+        assert result.metrics["training_iteration"] >= 1
+    # Four trials, one stage-1 config: pretrained exactly once (counted, not timed).
+    misses = [r for r in results if not r.metrics["stage1/cache_hit"]]
+    assert len(misses) == 1
+    assert len(list((tmp_path / CACHE_DIR).iterdir())) == 1
+    # Optuna proposed the 4 configurations (the first is the space's defaults).
+    lrs = {round(r.config["stage2.lr"], 6) for r in results}
+    assert len(lrs) == 4 and 0.01 in lrs
+
+    summary = summarize_best(results, space, results.experiment_path)
+    saved = json.loads((Path(results.experiment_path) / "best.json").read_text())
+    assert saved["objective"]["value"] == summary["objective"]["value"]
+    assert 0.0 <= saved["test"]["target/test_acc"] <= 1.0
+    assert set(saved["test"]) >= {"target/digits/test_acc", "target/faces/test_acc"}
+    assert saved["stage1"] == {
+        "hits": 3,
+        "misses": 1,
+        "seconds_saved": pytest.approx(saved["stage1"]["seconds_saved"]),
+    }
+    assert saved["stage1"]["seconds_saved"] > 0
+
+    assert json.loads((Path(results.experiment_path) / "space.json").read_text())["search"]
+    _dashboard_serves_trials(Path(results.experiment_path), study_name="shared", trials=4)
+
+    # The same name again is refused rather than mixed into the old experiment.
+    with pytest.raises(dtlray.errors.DtlrayError, match="already exists; continue it with"):
+        dtlray.build_tuner(space, storage_path=str(tmp_path), name="shared")
+
+
+def _dashboard_serves_trials(experiment: Path, study_name: str, trials: int) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "dtlray", "dashboard", str(experiment), "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=5) as response:
+                    studies = json.load(response)["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()[0].decode()
+                assert time.monotonic() < deadline, "dashboard did not answer in 60 s"
+                time.sleep(0.5)
+        (study,) = [s for s in studies if s["study_name"] == study_name]
+        with urllib.request.urlopen(f"{base}/api/studies/{study['study_id']}") as response:
+            detail = json.load(response)
+        assert len(detail["trials"]) == trials
+        complete = [t for t in detail["trials"] if t["state"] == "Complete"]
+        assert complete and all("stage2.lr" in {p["name"] for p in t["params"]} for t in complete)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _trial_results(experiment: Path) -> dict[str, list[dict]]:
+    out = {}
+    for path in experiment.glob("run_trial_fn_*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[path.parent.name.split("_")[3]] = lines
+    return out
+
+
+def test_interrupted_search_resumes_without_rerunning_completed_trials(
+    data_root: Path, tmp_path: Path
+) -> None:
+    space_file = tmp_path / "space.yaml"
+    raw = yaml.safe_load(TINY.read_text())
+    raw["trial"]["data"]["root"] = str(data_root)
+    raw["num_samples"] = 3
+    raw["max_concurrent_trials"] = 1
+    raw["scheduler"] = {"type": "fifo"}
+    space_file.write_text(yaml.safe_dump(raw))
+    storage = tmp_path / "results"
+    experiment = storage / "resume"
+    cmd = [sys.executable, "-m", "dtlray", "tune", str(space_file)]
+    cmd += ["--storage-path", str(storage), "--name", "resume"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    completed: dict[str, list[dict]] = {}
+    while time.monotonic() < deadline and first.poll() is None:
+        trials = _trial_results(experiment)
+        completed = {t: r for t, r in trials.items() if r and r[-1].get("done")}
+        if completed:
+            break
+        time.sleep(2)
+    assert completed, "no trial completed before the deadline"
+    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+    out = first.communicate(timeout=300)[0].decode()
+    assert first.returncode == 130, out[-3000:]
+    assert "--resume" in out
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, timeout=900)
+    out = resumed.stdout.decode() + resumed.stderr.decode()
+    assert resumed.returncode == 0, out[-3000:]
+    assert "best trial" in out
+    after = _trial_results(experiment)
+    assert len(after) == 3
+    for trial_id, lines in completed.items():
+        assert after[trial_id] == lines, f"completed trial {trial_id} was run again"
+    assert all(lines and lines[-1].get("done") for lines in after.values())
+    assert (experiment / "best.json").is_file()
