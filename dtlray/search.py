@@ -133,22 +133,26 @@ def run_trial_fn(
     space_dict: dict[str, Any],
     storage_path: str,
     experiment: str,
+    reuse_stage1: bool = True,
 ) -> None:
     """One Tune trial: rebuild the typed config, settle stage 1, fit one TorchTrainer."""
     space = parse_space(space_dict, source="<space>")
     cfg = space.trial_config(sampled)
     trial_id = tune.get_context().get_trial_id()
-    location = stage1_location(cfg, storage_path)
+    experiment_path = f"{storage_path.rstrip('/')}/{experiment}"
+    # Without reuse (for measuring what reuse saves) each trial keeps its stage 1 to itself.
+    stage1_root = storage_path if reuse_stage1 else f"{experiment_path}/no-reuse/{trial_id}"
+    location = stage1_location(cfg, stage1_root)
     claim = (
         stage1_claim(storage_path, location[0], location[1], holder=trial_id)
-        if location is not None
+        if location is not None and reuse_stage1
         else contextlib.nullcontext(None)
     )
     with claim as stage1_mode:
         trainer, _ = build_trainer(
             cfg,
-            storage_path=storage_path,
-            run_storage_path=f"{storage_path.rstrip('/')}/{experiment}",
+            storage_path=stage1_root,
+            run_storage_path=experiment_path,
             # Stable per trial: a retried or restored trial resumes its own Train run.
             run_name=f"train-{trial_id}",
             callbacks=[TuneReportCallback()],
@@ -167,6 +171,7 @@ def build_tuner(
     max_concurrent_trials: int | None = None,
     study_storage: str | None = "auto",
     overrides: Mapping[str, Any] | None = None,
+    reuse_stage1: bool = True,
 ) -> tune.Tuner:
     """Build the ``Tuner`` for a search space. Ray must be initialised (it sizes concurrency).
 
@@ -180,6 +185,7 @@ def build_tuner(
             ``"auto"`` (default): ``<experiment>/optuna.db`` on local storage, so
             ``dtlray dashboard`` can show it live; None: in memory only.
         overrides: flat config values (``{"stage2.epochs": 2}``) applied to the fixed trial.
+        reuse_stage1: share stage-1 results across trials (off only to measure what it saves).
 
     Returns:
         A ``ray.tune.Tuner``; ``fit()`` returns a normal ``ResultGrid``.
@@ -208,7 +214,7 @@ def build_tuner(
         study_storage = _default_study_storage(path)
     _write_json(f"{path}/{SPACE_FILE}", space.model_dump(mode="json"))
     return tune.Tuner(
-        _trainable(space, storage_path, name),
+        _trainable(space, storage_path, name, reuse_stage1),
         tune_config=tune.TuneConfig(
             metric=space.objective.metric,
             mode=space.objective.mode,
@@ -257,13 +263,14 @@ def running_marker(experiment_path: str) -> Iterator[None]:
         marker.unlink(missing_ok=True)
 
 
-def _trainable(space: SearchSpace, storage_path: str, name: str) -> Any:
+def _trainable(space: SearchSpace, storage_path: str, name: str, reuse_stage1: bool = True) -> Any:
     return tune.with_resources(
         tune.with_parameters(
             run_trial_fn,
             space_dict=space.model_dump(mode="json"),
             storage_path=storage_path,
             experiment=name,
+            reuse_stage1=reuse_stage1,
         ),
         {"CPU": TRIAL_DRIVER_CPU},
     )
