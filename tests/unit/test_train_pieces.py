@@ -1,0 +1,95 @@
+"""Pieces of the trial that need no Ray: optimiser groups, schedules, label budgets, stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtlray.config import TrialConfig
+from dtlray.models import build_transfer_model
+from dtlray.stages import DatasetMeta, finetune_stage, pretrain_stage
+from dtlray.train_loop import build_optimizer, build_scheduler
+from dtlray.trial import select_label_budget
+
+METAS = {
+    "fashion-mnist": DatasetMeta("fashion-mnist", 10, (28, 28, 1)),
+    "digits": DatasetMeta("digits", 10, (8, 8, 1)),
+    "faces": DatasetMeta("faces", 2, (25, 25, 1)),
+}
+
+
+def _model(cfg: TrialConfig, heads: dict[str, int]):
+    torch.manual_seed(0)
+    return build_transfer_model(
+        backbone=cfg.model.backbone,
+        in_channels=cfg.data.channels,
+        small_input=cfg.small_input,
+        weights=None,
+        fusion_depth=cfg.model.fusion_depth,
+        fusion_width=cfg.model.fusion_width,
+        heads=heads,
+    )
+
+
+def test_finetune_groups_get_lr_times_multiplier() -> None:
+    cfg = TrialConfig.from_flat(
+        {
+            "stage2.lr": 0.02,
+            "stage2.lr_mult_backbone": 0.1,
+            "stage2.lr_mult_fusion": 0.5,
+            "stage2.lr_mult_heads": 3.0,
+            "model.fusion_depth": 2,
+            "model.fusion_width": 16,
+        }
+    )
+    spec = finetune_stage(cfg, METAS)
+    model = _model(cfg, spec.heads)
+    optimizer = build_optimizer(model, spec)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"backbone": 0.002, "fusion": 0.01, "heads": 0.06})
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
+    # Every parameter is in exactly one group.
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+def test_pretrain_uses_one_lr_and_a_source_head() -> None:
+    cfg = TrialConfig.from_flat({"stage1.lr": 0.07, "stage2.lr_mult_backbone": 0.1})
+    spec = pretrain_stage(cfg, METAS)
+    assert spec.heads == {"fashion-mnist": 10}
+    assert not spec.reports_every_epoch and not spec.tests_at_end
+    optimizer = build_optimizer(_model(cfg, spec.heads), spec)
+    assert {g["lr"] for g in optimizer.param_groups} == {0.07}
+
+
+def test_finetune_has_one_head_per_target() -> None:
+    spec = finetune_stage(TrialConfig(), METAS)
+    assert spec.heads == {"digits": 10, "faces": 2}
+    assert spec.reports_every_epoch and spec.tests_at_end
+    assert len(set(spec.dataset_keys())) == 6
+    assert all("/" not in key for key in spec.dataset_keys())  # Ray Data uses them in paths
+
+
+@pytest.mark.parametrize(("schedule", "last_lr"), [("constant", 0.1), ("cosine", 0.0)])
+def test_schedules(schedule: str, last_lr: float) -> None:
+    cfg = TrialConfig.from_flat({"stage2.lr": 0.1, "stage2.schedule": schedule})
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg.stage2)
+    for _ in range(cfg.stage2.epochs):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(last_lr, abs=1e-9)
+
+
+def test_label_budget_is_stratified_seeded_and_keeps_every_class() -> None:
+    labels = np.repeat(np.arange(5), [50, 40, 30, 3, 1])
+    keep = select_label_budget(labels, samples_per_class=10, fraction=None, seed=0)
+    counts = np.bincount(labels[keep], minlength=5)
+    assert counts.tolist() == [10, 10, 10, 3, 1]
+    assert np.array_equal(keep, select_label_budget(labels, 10, None, seed=0))
+    assert not np.array_equal(keep, select_label_budget(labels, 10, None, seed=1))
+    frac = select_label_budget(labels, None, 0.1, seed=0)
+    assert np.bincount(labels[frac], minlength=5).tolist() == [5, 4, 3, 1, 1]
+    assert len(select_label_budget(labels, None, None, seed=0)) == len(labels)
