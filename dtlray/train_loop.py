@@ -15,6 +15,7 @@ Correctness under DDP:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from torch import nn
 from dtlray.config import StageConfig, TrialConfig
 from dtlray.data import decode_uint8, to_model_input
 from dtlray.models import TransferModel, build_transfer_model, load_trunk
-from dtlray.stage1_cache import Stage1Record, load_stage1, save_stage1
+from dtlray.stage1_cache import Stage1Record, has_stage1, load_stage1, save_stage1
 from dtlray.stages import DatasetMeta, StageSpec, TaskSpec, finetune_stage, pretrain_stage
 
 CHECKPOINT_FILE = "state.pt"
@@ -116,7 +117,7 @@ class WorkerEnv:
     seed: int
     image_size: int
     channels: int
-    log: Callable[[str], None] = field(default=print)
+    log: Callable[[str], None] = field(default=functools.partial(print, flush=True))
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -201,7 +202,8 @@ def _run_or_load_stage1(
     if plan.stage1_mode == "none":
         return Stage1Outcome(math.nan, 0.0, 0.0, cache_hit=False)
     assert plan.stage1_dir is not None
-    if plan.stage1_mode == "load":
+    # A restarted worker group (FailureConfig) may find the result its first attempt stored.
+    if plan.stage1_mode == "load" or has_stage1(plan.stage1_dir):
         state, record = load_stage1(plan.stage1_dir)
         load_trunk(model, state)
         env.log(f"[dtlray] stage 1 reused from {plan.stage1_dir}")
