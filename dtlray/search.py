@@ -114,18 +114,31 @@ def build_scheduler(space: SearchSpace) -> TrialScheduler:
 
 
 def derive_max_concurrent_trials(space: SearchSpace) -> int:
-    """How many trials fit in the cluster at once, leaving a CPU for Ray Data's readers."""
-    if space.max_concurrent_trials is not None:
-        return space.max_concurrent_trials
+    """How many trials fit in the cluster at once (the space's value, capped to what fits).
+
+    A trial holds its workers' CPUs (and GPUs) plus a sliver for its Tune driver. Running more
+    trials than fit only makes the extra ones wait for a worker group and time out every 60 s.
+    """
     res = space.trial.resources
     cluster = ray.cluster_resources()
-    cpus = cluster.get("CPU", 1.0)
     per_trial_cpu = res.num_workers * res.cpus_per_worker + TRIAL_DRIVER_CPU
-    slots = max(1, math.floor((cpus - 1) / per_trial_cpu)) if cpus > per_trial_cpu else 1
+    fit = math.floor(cluster.get("CPU", 1.0) / per_trial_cpu)
     gpus = cluster.get("GPU", 0.0)
     if gpus > 0 and res.use_gpu in (True, "auto"):
-        slots = min(slots, max(1, math.floor(gpus / res.num_workers)))
-    return max(1, min(slots, space.num_samples))
+        fit = min(fit, math.floor(gpus / res.num_workers))
+    fit = max(1, fit)
+    wanted = space.max_concurrent_trials or min(fit, space.num_samples)
+    if wanted > fit:
+        log.warning(
+            "max_concurrent_trials=%d but the cluster fits %d trial(s) of %d worker(s) x %s "
+            "CPU; running %d at a time (lower resources.cpus_per_worker to fit more)",
+            wanted,
+            fit,
+            res.num_workers,
+            res.cpus_per_worker,
+            fit,
+        )
+    return min(wanted, fit)
 
 
 def run_trial_fn(
