@@ -17,7 +17,7 @@ from dtlray.errors import DtlrayError
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every subcommand registered."""
-    from dtlray import dashboard
+    from dtlray import dashboard, report
     from dtlray.data import cli as data_cli
 
     parser = argparse.ArgumentParser(
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cli.add_parser(subparsers)
     dashboard.add_parser(subparsers)
+    report.add_parser(subparsers)
     _add_check_parser(subparsers)
     _add_train_parser(subparsers)
     _add_tune_parser(subparsers)

@@ -30,38 +30,21 @@ from ray.tune.search.optuna import OptunaSearch
 from dtlray.config import TrialConfig
 from dtlray.errors import DtlrayError
 from dtlray.search_space import (
-    CategoricalParam,
-    FloatParam,
-    IntParam,
+    BEST_FILE,
+    RUNNING_FILE,
+    SPACE_FILE,
     SearchSpace,
     load_space,
     parse_space,
+    to_optuna_distributions,
 )
 from dtlray.stage1_claims import stage1_claim, start_claims
 from dtlray.trial import build_trainer, resolve_storage_path, run_trainer, stage1_location
 
 log = logging.getLogger(__name__)
 
-BEST_FILE = "best.json"
-SPACE_FILE = "space.json"  # the resolved space, so reports know what was searched
-RUNNING_FILE = ".dtlray-running"
 # The Tune trial itself only waits on its trainer; its workers hold the real resources.
 TRIAL_DRIVER_CPU = 0.01
-
-
-def to_optuna_distributions(
-    space: SearchSpace,
-) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The searched parameters as Optuna distributions (int ``high`` inclusive on both sides)."""
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for key, param in space.search.items():
-        if isinstance(param, FloatParam):
-            out[key] = optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
-        elif isinstance(param, IntParam):
-            out[key] = optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
-        elif isinstance(param, CategoricalParam):
-            out[key] = optuna.distributions.CategoricalDistribution(param.choices)
-    return out
 
 
 def build_searcher(

@@ -27,13 +27,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dtlray.config import TrialConfig, format_validation_error, valid_keys
 from dtlray.errors import DtlrayError
+
+if TYPE_CHECKING:
+    import optuna
+
+# Files a search writes into its experiment directory.
+BEST_FILE = "best.json"  # the chosen trial, its val and test accuracy
+SPACE_FILE = "space.json"  # the resolved space, so reports know what was searched
+RUNNING_FILE = ".dtlray-running"  # pid and host while a search runs
 
 
 class _Strict(BaseModel):
@@ -261,3 +269,20 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SearchSpace:
 
 def _is_bare_choices(spec: Any) -> bool:
     return isinstance(spec, Mapping) and "choices" in spec and "type" not in spec
+
+
+def to_optuna_distributions(
+    space: SearchSpace,
+) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The searched parameters as Optuna distributions (int ``high`` inclusive on both sides)."""
+    import optuna  # only the search and reports need it; `dtlray check` stays light
+
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, param in space.search.items():
+        if isinstance(param, FloatParam):
+            out[key] = optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
+        elif isinstance(param, IntParam):
+            out[key] = optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
+        elif isinstance(param, CategoricalParam):
+            out[key] = optuna.distributions.CategoricalDistribution(param.choices)
+    return out

@@ -1,0 +1,75 @@
+"""``dtlray report --baseline`` on a real search: real Tune + Optuna, a real scratch baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+import dtlray
+from dtlray.report import BASELINE_DIR, BASELINE_FILE, PLOTS, SPACE_FILE, main_args
+from dtlray.search import summarize_best
+from dtlray.search_space import parse_space
+
+TINY = Path("search_spaces/tiny.yaml")
+
+
+def test_report_of_a_real_search_with_its_scratch_baseline(
+    ray_cluster: None, data_root: Path, tmp_path: Path
+) -> None:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["trial"]["data"]["root"] = str(data_root)
+    # Finetune settings only: both trials share one stage 1 (one computes, one reuses it).
+    raw["search"] = {
+        "stage2.lr": {"type": "float", "low": 0.003, "high": 0.1, "log": True},
+        "stage2.lr_mult_heads": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+    }
+    raw["num_samples"] = 2
+    raw["max_concurrent_trials"] = 2
+    raw["scheduler"] = {"type": "fifo"}
+    space = parse_space(raw)
+    results = dtlray.build_tuner(space, storage_path=str(tmp_path), name="rep").fit()
+    assert results.num_errors == 0, [r.error for r in results]
+    exp = Path(results.experiment_path)
+    assert (exp / SPACE_FILE).is_file()  # the report reads the searched ranges from it
+    summarize_best(results, space, results.experiment_path)
+    best = json.loads((exp / "best.json").read_text())
+
+    assert main_args([str(exp), "--baseline"]) == 0
+
+    out = exp / "report"
+    for name in PLOTS:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.width >= 600
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert f"**{best['trial_id']}**" in md
+    assert "no `space.json`" not in md
+    assert "<table>" in html and 'src="history.png"' in html
+
+    # The baseline: the best config from scratch at the epochs the best trial ran.
+    baseline = json.loads((exp / BASELINE_DIR / BASELINE_FILE).read_text())
+    assert baseline["config"]["stage2"]["init"] == "scratch"
+    assert baseline["config"]["stage2"]["epochs"] == best["epochs"] == 2
+    assert baseline["config"]["stage2"]["lr"] == best["config"]["stage2"]["lr"]
+    for target in ("digits", "faces"):
+        assert 0.0 <= baseline["metrics"][f"target/{target}/test_acc"] <= 1.0
+
+    # The gain table has numbers: finetuned, scratch, gain, flag per target and the mean.
+    section = md.split("## Transfer gain\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line[:2] == "| "]
+    assert [r[0].strip() for r in rows[2:]] == ["digits", "faces", "**mean**"]
+    for row in rows[2:]:
+        finetuned, scratch, gain = (float(c) for c in row[1:4])
+        assert abs((finetuned - scratch) * 100 - gain) <= 0.1  # shown rounded
+        assert row[4].strip() in ("no", "**yes**")
+    assert "matched epochs (2 finetune epoch(s) each)" in section
+    assert "1 trial(s) pretrained stage 1" in md and "1 reused a stored stage 1" in md
+
+    # A second report reuses the stored baseline instead of training it again.
+    runs = sorted(p.name for p in (exp / BASELINE_DIR).iterdir() if p.is_dir())
+    assert main_args([str(exp), "--baseline"]) == 0
+    assert sorted(p.name for p in (exp / BASELINE_DIR).iterdir() if p.is_dir()) == runs
+    assert json.loads((exp / BASELINE_DIR / BASELINE_FILE).read_text()) == baseline

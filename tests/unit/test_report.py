@@ -1,0 +1,683 @@
+"""``dtlray report`` on synthetic experiment directories written in Tune's real file format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import optuna
+import pytest
+import yaml
+from PIL import Image
+
+from dtlray import report
+from dtlray.config import TrialConfig
+from dtlray.errors import DtlrayError
+from dtlray.report import (
+    BASELINE_DIR,
+    BASELINE_FILE,
+    RUNNING_FILE,
+    GainRow,
+    build_report,
+    build_study,
+    infer_distributions,
+    load_baseline,
+    load_experiment,
+    load_trials,
+    main_args,
+    param_importances,
+    scratch_config,
+    stage1_summary,
+    transfer_gain,
+)
+from dtlray.search import to_optuna_distributions
+from dtlray.search_space import SearchSpace, parse_space
+
+TARGETS = ("digits", "faces")
+DATE = "2026-11-27_21-53-44"
+
+
+def tiny_space() -> SearchSpace:
+    return parse_space(yaml.safe_load(Path("search_spaces/tiny.yaml").read_text()))
+
+
+@dataclass
+class FakeTrial:
+    """What one fake Tune trial reported."""
+
+    trial_id: str
+    params: dict[str, Any]
+    val_accs: list[float]  # target/val_acc per finetune epoch
+    stage1: str = "computed"  # computed | reused | none
+    compute_seconds: float = 10.0
+    status: str = "TERMINATED"
+    error: str | None = None
+
+
+def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
+    rows = []
+    for epoch, acc in enumerate(trial.val_accs, start=1):
+        # Per-target accuracies whose mean is the objective, as the trial loop reports them.
+        digits, faces = acc - 0.1, acc + 0.1
+        rows.append(
+            {
+                "target/digits/val_acc": digits,
+                "target/digits/val_loss": 2.0 - acc,
+                "target/faces/val_acc": faces,
+                "target/faces/val_loss": 1.0 - acc,
+                "target/val_acc": acc,
+                "target/val_loss": 1.5 - acc,
+                "train/loss": 1.4,
+                "train/samples_per_s": 200.0,
+                "train/epoch_seconds": 0.6,
+                "epoch": epoch,
+                "source/val_acc": float("nan") if trial.stage1 == "none" else 0.3,
+                "stage1/cache_hit": trial.stage1 == "reused",
+                "stage1/seconds": 0.2 if trial.stage1 == "reused" else trial.compute_seconds,
+                "stage1/compute_seconds": 0.0 if trial.stage1 == "none" else trial.compute_seconds,
+                "checkpoint_path": f"{exp}/train-{trial.trial_id}/checkpoint_{epoch}",
+                "timestamp": 1795816481 + epoch,
+                "checkpoint_dir_name": None,
+                "done": epoch == len(trial.val_accs) and trial.status == "TERMINATED",
+                "training_iteration": epoch,
+                "trial_id": trial.trial_id,
+                "date": DATE,
+                "time_this_iter_s": 40.0,
+                "time_total_s": 40.0 * epoch,
+                "pid": 8824,
+                "hostname": "vm",
+                "node_ip": "192.0.2.2",
+                "config": trial.params,
+                "time_since_restore": 40.0 * epoch,
+                "iterations_since_restore": epoch,
+            }
+        )
+    return rows
+
+
+def write_experiment(
+    exp: Path,
+    trials: list[FakeTrial],
+    *,
+    space: SearchSpace | None = None,
+    with_space_file: bool = True,
+    with_best: bool = True,
+    with_state: bool = True,
+) -> Path:
+    """A Tune experiment directory like ``dtlray tune`` leaves it (``space.json`` optional)."""
+    space = space or tiny_space()
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"\x80\x05N.")
+    if with_space_file:
+        (exp / "space.json").write_text(json.dumps(space.model_dump(mode="json")))
+    trial_data = []
+    for number, trial in enumerate(trials, start=1):
+        tag = f"{number}_" + ",".join(f"{k.replace('.', '_')}={v}" for k, v in trial.params.items())
+        dirname = f"run_trial_fn_{trial.trial_id}_{tag}_{DATE}"
+        trial_dir = exp / dirname
+        trial_dir.mkdir()
+        (trial_dir / "params.json").write_text(json.dumps(trial.params, indent=2))
+        rows = _rows(trial, number, exp)
+        (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if trial.error:
+            (trial_dir / "error.txt").write_text(
+                f"Failure # 1 (occurred at {DATE})\nTraceback (most recent call last):\n"
+                f'  File "x.py", line 1, in <module>\n{trial.error}\n'
+            )
+        info = {
+            "stub": False,
+            "trainable_name": "run_trial_fn",
+            "trial_id": trial.trial_id,
+            "config": trial.params,
+            "experiment_tag": tag,
+            "status": trial.status,
+            "relative_logdir": dirname,
+        }
+        trial_data.append([json.dumps(info, indent=2), json.dumps({"num_failures": "0"})])
+    if with_state:
+        state = {"trial_data": trial_data, "runner_data": {}, "stats": {"start_time": 0.0}}
+        (exp / f"experiment_state-{DATE}.json").write_text(json.dumps(state))
+    scored = [t for t in trials if t.val_accs]
+    if with_best and scored:
+        (exp / "best.json").write_text(json.dumps(_best_json(exp, space, trials)))
+    return exp
+
+
+def _best_json(exp: Path, space: SearchSpace, trials: list[FakeTrial]) -> dict[str, Any]:
+    """What ``summarize_best`` writes for the best of ``trials``."""
+    best = max((t for t in trials if t.val_accs), key=lambda t: t.val_accs[-1])
+    last = _rows(best, 0, exp)[-1]
+    return {
+        "objective": {"metric": "target/val_acc", "mode": "max", "value": last["target/val_acc"]},
+        "trial_id": best.trial_id,
+        "searched": best.params,
+        "config": space.trial_config(best.params).to_dict(),
+        "val": {k: v for k, v in last.items() if k.endswith("val_acc")},
+        "epochs": len(best.val_accs),
+        "checkpoint_path": last["checkpoint_path"],
+        "trials": len(trials),
+        "errors": sum(1 for t in trials if t.status == "ERROR"),
+        "stage1": {"hits": 1, "misses": 2, "seconds_saved": 10.0},
+        "test": {
+            "target/digits/test_acc": 0.40,
+            "target/faces/test_acc": 0.86,
+            "target/test_acc": 0.63,
+        },
+    }
+
+
+def p(depth: int, lr: float, mult: float) -> dict[str, Any]:
+    return {"model.fusion_depth": depth, "stage2.lr": lr, "stage2.lr_mult_backbone": mult}
+
+
+def standard_trials() -> list[FakeTrial]:
+    return [
+        FakeTrial("a3ac03eb", p(1, 0.01, 1.0), [0.54, 0.64]),
+        FakeTrial("35969fb1", p(1, 0.0368, 0.4), [0.52, 0.66], compute_seconds=14.0),
+        FakeTrial("d8c692e9", p(1, 0.0133, 0.44), [0.57, 0.63], stage1="reused"),
+        FakeTrial("bfebdb1e", p(0, 0.0924, 0.22), [0.47]),  # stopped by ASHA after epoch 1
+        FakeTrial(
+            "c0ffee00",
+            p(2, 0.005, 0.3),
+            [],
+            status="ERROR",
+            error="RuntimeError: CUDA out of memory",
+        ),
+    ]
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    return write_experiment(tmp_path / "results" / "exp", standard_trials())
+
+
+def write_baseline(exp: Path, digits: float, faces: float, config: dict | None = None) -> None:
+    best = json.loads((exp / "best.json").read_text())
+    record = {
+        "trial_id": best["trial_id"],
+        "config": config or scratch_config(best).to_dict(),
+        "epochs": best["epochs"],
+        "metrics": {
+            "target/digits/test_acc": digits,
+            "target/faces/test_acc": faces,
+            "target/test_acc": (digits + faces) / 2,
+        },
+    }
+    (exp / BASELINE_DIR).mkdir(exist_ok=True)
+    (exp / BASELINE_DIR / BASELINE_FILE).write_text(json.dumps(record))
+
+
+def _table_rows(md: str, heading: str) -> list[list[str]]:
+    """The cells of the first table under ``## heading`` (header and rule left out)."""
+    section = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    table = section[section.index("\n|") + 1 :].split("\n\n", 1)[0]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines()[2:]]
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def test_trials_are_read_in_start_order_with_status_epochs_and_stage1(experiment: Path) -> None:
+    trials = load_trials(experiment, fixed_epochs=2)
+    assert [t.trial_id for t in trials] == [
+        "a3ac03eb",
+        "35969fb1",
+        "d8c692e9",
+        "bfebdb1e",
+        "c0ffee00",
+    ]
+    by_id = {t.trial_id: t for t in trials}
+    assert by_id["35969fb1"].value("target/val_acc") == 0.66
+    assert by_id["bfebdb1e"].epochs == 1
+    assert by_id["bfebdb1e"].status_text == "stopped early"
+    assert by_id["a3ac03eb"].status_text == "completed"
+    assert by_id["c0ffee00"].status_text == "error"
+    assert by_id["c0ffee00"].error == "RuntimeError: CUDA out of memory"
+    assert by_id["c0ffee00"].value("target/val_acc") is None
+    assert by_id["d8c692e9"].stage1 == "reused"
+    assert by_id["a3ac03eb"].stage1 == "computed"
+
+
+def test_statuses_without_tunes_experiment_state_come_from_the_trial_files(
+    tmp_path: Path,
+) -> None:
+    exp = write_experiment(tmp_path / "exp", standard_trials(), with_state=False)
+    (exp / "tuner.pkl").write_bytes(b"x")
+    by_id = {t.trial_id: t for t in load_trials(exp, fixed_epochs=2)}
+    assert by_id["c0ffee00"].status_text == "error"
+    assert by_id["bfebdb1e"].status_text == "stopped early"
+    assert by_id["35969fb1"].status_text == "completed"
+
+
+def test_a_trial_that_failed_once_and_then_finished_is_not_an_error(tmp_path: Path) -> None:
+    trials = standard_trials()[:2]
+    trials[0].error = "RayActorError: the actor died unexpectedly"
+    exp = write_experiment(tmp_path / "exp", trials)
+    first = load_trials(exp, fixed_epochs=2)[0]
+    assert first.status_text == "completed (after a retry)"
+
+
+def test_a_half_written_last_result_line_is_ignored(experiment: Path) -> None:
+    result = next(experiment.glob("run_trial_fn_a3ac03eb_*/result.json"))
+    result.write_text(result.read_text() + '{"target/val_acc": 0.9, "trai')
+    trial = next(t for t in load_trials(experiment) if t.trial_id == "a3ac03eb")
+    assert trial.value("target/val_acc") == 0.64
+
+
+# -- the results table -------------------------------------------------------------------------
+
+
+def test_results_table_ranks_trials_and_shows_epochs_stage1_and_status(experiment: Path) -> None:
+    out = build_report(experiment)
+    md = (out / "report.md").read_text()
+    rows = _table_rows(md, "All trials")
+    # columns: #, trial, 3 params, objective, epochs, stage 1, status
+    assert [r[1] for r in rows] == ["**35969fb1**", "a3ac03eb", "d8c692e9", "bfebdb1e", "c0ffee00"]
+    assert rows[0] == ["1", "**35969fb1**", "1", "0.0368", "0.4", "0.6600", "2/2", "computed",
+                       "completed"]  # fmt: skip
+    assert rows[2][7] == "reused"
+    assert rows[3][5:] == ["0.4700", "1/2", "computed", "stopped early"]
+    assert rows[4][5:] == ["—", "0/2", "—", "error"]
+    assert "RuntimeError: CUDA out of memory" in md
+    header = next(line for line in md.splitlines() if line.startswith("| # | trial |"))
+    assert "`stage2.lr_mult_backbone`" in header and "epochs" in header
+
+
+def test_best_section_has_val_and_test_per_target(experiment: Path) -> None:
+    md = (build_report(experiment) / "report.md").read_text()
+    best = md.split("## Best configuration\n", 1)[1].split("\n## ", 1)[0]
+    assert "| digits | 0.5600 | 0.4000 |" in best
+    assert "| faces | 0.7600 | 0.8600 |" in best
+    assert "| **mean** | 0.6600 | 0.6300 |" in best
+    assert "lr_mult_backbone: 0.4" in best  # the full config, as YAML
+
+
+# -- plots and the files -----------------------------------------------------------------------
+
+
+def test_report_writes_md_html_and_valid_pngs(experiment: Path) -> None:
+    write_baseline(experiment, digits=0.20, faces=0.90)
+    out = build_report(experiment)
+    assert out == experiment / "report"
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", *report.PLOTS}
+    for name in report.PLOTS:
+        with Image.open(out / name) as img:
+            img.verify()
+        with Image.open(out / name) as img:
+            assert img.format == "PNG"
+            assert img.width >= 600 and img.height >= 200
+            # A drawn plot, not a blank canvas.
+            assert len(img.convert("L").getcolors(maxcolors=1 << 16) or [0] * 99) > 10
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for name in report.PLOTS:
+        assert f"]({name})" in md
+        assert f'<img src="{name}"' in page
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert not list(experiment.glob(".report-*")), "temporary directories left behind"
+
+
+def test_html_escapes_text_from_the_experiment(tmp_path: Path) -> None:
+    space = parse_space(
+        {
+            **yaml.safe_load(Path("search_spaces/tiny.yaml").read_text()),
+            "search": {"stage2.schedule": {"choices": ["constant", "cosine"]}},
+        }
+    )
+    trials = [
+        FakeTrial("aaaa0001", {"stage2.schedule": "constant"}, [0.5, 0.6]),
+        FakeTrial("aaaa0002", {"stage2.schedule": "cosine"}, [0.5, 0.7]),
+        FakeTrial(
+            "aaaa0003",
+            {"stage2.schedule": "cosine"},
+            [],
+            status="ERROR",
+            error="ValueError: bad <script>alert(1)</script> & co",
+        ),  # fmt: skip
+    ]
+    exp = write_experiment(tmp_path / "exp", trials, space=space)
+    page = (build_report(exp) / "report.html").read_text()
+    assert "<script>" not in page
+    assert "bad &lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page
+
+
+def test_plotting_leaves_global_matplotlib_style_alone(experiment: Path) -> None:
+    before = dict(matplotlib.rcParams)
+    build_report(experiment)
+    assert matplotlib.rcParams["axes.facecolor"] == before["axes.facecolor"]
+    assert matplotlib.rcParams["axes.grid"] == before["axes.grid"]
+
+
+def test_a_failed_rebuild_keeps_the_previous_report(
+    experiment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = build_report(experiment)
+    previous = (out / "report.md").read_text()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "plot_curves", broken)
+    with pytest.raises(OSError, match="disk full"):
+        build_report(experiment)
+    assert (out / "report.md").read_text() == previous
+    assert {p.name for p in out.iterdir()} >= {"report.html", *report.PLOTS}
+    assert not list(experiment.glob(".report-*")), "temporary directories left behind"
+
+
+def test_learning_curves_draw_the_top_k(experiment: Path) -> None:
+    exp = load_experiment(experiment)
+    top = report.plot_curves(exp, 2, experiment / "c.png")
+    assert [t.trial_id for t in top] == ["35969fb1", "a3ac03eb"]
+    with Image.open(experiment / "c.png") as img:
+        assert img.format == "PNG"
+    with pytest.raises(DtlrayError, match="--top-k must be at least 1"):
+        build_report(experiment, top_k=0)
+
+
+# -- the Optuna study and importances -----------------------------------------------------------
+
+
+def test_study_uses_the_saved_space_and_the_last_values(experiment: Path) -> None:
+    exp = load_experiment(experiment)
+    assert exp.distributions == to_optuna_distributions(tiny_space())
+    study = build_study(exp)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert [t.value for t in study.trials[:4]] == [0.64, 0.66, 0.63, 0.47]
+    assert study.best_trial.user_attrs["tune_trial_id"] == "35969fb1"
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_without_space_json_the_ranges_are_inferred_and_said_so(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "exp", standard_trials(), with_space_file=False)
+    loaded = load_experiment(exp)
+    dists = loaded.distributions
+    assert dists["model.fusion_depth"] == optuna.distributions.IntDistribution(0, 2)
+    assert dists["stage2.lr"] == optuna.distributions.FloatDistribution(0.005, 0.0924, log=True)
+    assert dists["stage2.lr_mult_backbone"] == optuna.distributions.FloatDistribution(0.22, 1.0)
+    md = (build_report(exp) / "report.md").read_text()
+    assert "no `space.json`" in md
+
+
+def test_infer_distributions_by_value_type() -> None:
+    trials = [
+        report.TrialRecord("a", 1, {"x": 1, "b": True, "s": "vgg11_bn", "f": 0.5}, (), "X"),
+        report.TrialRecord("b", 2, {"x": 3, "b": False, "s": "resnet18", "f": 0.7}, (), "X"),
+    ]
+    dists = infer_distributions(trials)
+    assert dists["x"] == optuna.distributions.IntDistribution(1, 3)
+    assert dists["b"] == optuna.distributions.CategoricalDistribution([False, True])
+    assert dists["s"] == optuna.distributions.CategoricalDistribution(["resnet18", "vgg11_bn"])
+    assert dists["f"] == optuna.distributions.FloatDistribution(0.5, 0.7, log=False)
+
+
+def test_values_outside_the_saved_space_fall_back_to_inferred_ranges(tmp_path: Path) -> None:
+    trials = standard_trials()
+    trials[0].params["stage2.lr"] = 0.5  # outside tiny.yaml's [0.003, 0.1]
+    exp = load_experiment(write_experiment(tmp_path / "exp", trials))
+    assert exp.distributions["stage2.lr"].high == 0.5
+    assert any("outside" in note for note in exp.notes)
+
+
+def test_importances_are_seeded_and_normalised(experiment: Path) -> None:
+    exp = load_experiment(experiment)
+    first, note = param_importances(build_study(exp))
+    again, _ = param_importances(build_study(exp))
+    assert note is None
+    assert first == again
+    assert set(first) == set(exp.distributions)
+    assert sum(first.values()) == pytest.approx(1.0)
+
+
+def _study(values: list[float | None], params: list[dict[str, Any]]) -> optuna.Study:
+    dists = to_optuna_distributions(tiny_space())
+    study = optuna.create_study(direction="maximize")
+    for value, trial_params in zip(values, params, strict=True):
+        state = (
+            optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+        )
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=trial_params,
+                distributions={k: dists[k] for k in trial_params},
+                value=value,
+                state=state,
+            )
+        )
+    return study
+
+
+@pytest.mark.parametrize(
+    ("values", "params", "expected"),
+    [
+        ([], [], "need at least 2 completed trials; this search has 0"),
+        ([0.5], [p(1, 0.01, 0.5)], "need at least 2 completed trials; this search has 1"),
+        ([0.5, None], [p(1, 0.01, 0.5), p(2, 0.02, 0.5)], "this search has 1"),
+        ([0.5, 0.6], [p(1, 0.01, 0.5), p(1, 0.01, 0.5)], "every completed trial used the same"),
+        ([0.5, 0.5, 0.5], [p(0, 0.01, 0.5), p(1, 0.02, 0.3), p(2, 0.05, 0.2)], "scored the same"),
+        ([0.5, 0.6], [{}, {}], "no searched parameters"),
+    ],
+)
+def test_importances_on_degenerate_studies_explain_why_not(
+    values: list[float | None], params: list[dict[str, Any]], expected: str
+) -> None:
+    importances, note = param_importances(_study(values, params))
+    assert importances == {}
+    assert note is not None and expected in note
+
+
+def test_a_single_trial_report_notes_missing_importances(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "exp", [FakeTrial("aaaa0001", p(1, 0.01, 0.5), [0.5, 0.6])])
+    out = build_report(exp)
+    assert not (out / "importance.png").exists()
+    md = (out / "report.md").read_text()
+    assert "Parameter importances need at least 2 completed trials" in md
+    for name in ("history.png", "curves.png", "stage1.png"):
+        assert (out / name).is_file()
+
+
+# -- stage-1 reuse -----------------------------------------------------------------------------
+
+
+def test_stage1_reuse_counts_and_seconds(tmp_path: Path) -> None:
+    trials = [
+        FakeTrial("aaaa0001", p(0, 0.01, 0.5), [0.5], compute_seconds=10.0),
+        FakeTrial("aaaa0002", p(1, 0.01, 0.5), [0.5], compute_seconds=12.0),
+        FakeTrial("aaaa0003", p(1, 0.02, 0.5), [0.5], stage1="reused", compute_seconds=12.0),
+        FakeTrial("aaaa0004", p(1, 0.03, 0.5), [0.5], stage1="reused", compute_seconds=12.0),
+        FakeTrial("aaaa0005", p(0, 0.03, 0.5), [0.5], stage1="reused", compute_seconds=10.0),
+        FakeTrial("aaaa0006", p(0, 0.04, 0.5), [0.5], stage1="none"),
+        FakeTrial("aaaa0007", p(0, 0.05, 0.5), [], status="ERROR", error="OSError: x"),
+    ]
+    exp = write_experiment(tmp_path / "exp", trials)
+    summary = stage1_summary(load_trials(exp))
+    assert summary == report.Stage1Summary(
+        computed=2, reused=3, not_used=1, seconds_spent=22.0, seconds_saved=34.0
+    )
+    md = (build_report(exp) / "report.md").read_text()
+    assert "2 trial(s) pretrained stage 1 (22 s), 3 reused a stored stage 1, saving 34 s" in md
+    assert "1 trained from scratch" in md
+
+
+# -- transfer gain -----------------------------------------------------------------------------
+
+
+def test_transfer_gain_math_and_negative_flag() -> None:
+    finetuned = {"target/digits/test_acc": 0.80, "target/faces/test_acc": 0.60}
+    scratch = {"target/digits/test_acc": 0.50, "target/faces/test_acc": 0.70}
+    rows = transfer_gain(TARGETS, finetuned, scratch)
+    assert [r.target for r in rows] == ["digits", "faces", "mean"]
+    assert rows[0].gain_pp == pytest.approx(30.0) and not rows[0].negative
+    assert rows[1].gain_pp == pytest.approx(-10.0) and rows[1].negative
+    assert rows[2] == GainRow("mean", pytest.approx(0.70), pytest.approx(0.60))
+    assert rows[2].gain_pp == pytest.approx(10.0) and not rows[2].negative
+    assert not GainRow("x", 0.5, 0.5).negative  # equal is no transfer, not negative transfer
+
+
+def test_transfer_gain_names_the_missing_side() -> None:
+    with pytest.raises(DtlrayError, match="baseline/result.json has no 'target/faces/test_acc'"):
+        transfer_gain(TARGETS, {"target/digits/test_acc": 1, "target/faces/test_acc": 1}, {
+            "target/digits/test_acc": 0.5})  # fmt: skip
+
+
+def test_scratch_config_is_the_best_config_from_scratch_at_matched_epochs() -> None:
+    cfg = tiny_space().trial_config(p(2, 0.05, 0.3))
+    cfg = TrialConfig.from_flat({"stage2.epochs": 6, "stage2.freeze_backbone_epochs": 4}, base=cfg)
+    best = {"config": cfg.to_dict(), "epochs": 3}  # ASHA stopped it after 3 of 6 epochs
+    scratch = scratch_config(best)
+    assert scratch.stage2.init == "scratch"
+    assert scratch.stage2.epochs == 3
+    assert scratch.stage2.freeze_backbone_epochs == 3
+    assert scratch.model == cfg.model and scratch.data == cfg.data
+    assert scratch.stage2.lr == cfg.stage2.lr
+
+
+def test_stored_baseline_must_match_the_best_config(experiment: Path) -> None:
+    best = json.loads((experiment / "best.json").read_text())
+    expected = scratch_config(best)
+    assert load_baseline(experiment, expected) == (None, "not run yet")
+    other_root = TrialConfig.from_flat({"data.root": "/elsewhere"}, base=expected).to_dict()
+    write_baseline(experiment, 0.3, 0.8, config=other_root)
+    record, _ = load_baseline(experiment, expected)
+    assert record is not None  # where the data lives does not matter
+    other = TrialConfig.from_flat({"stage2.lr": 0.09}, base=expected).to_dict()
+    write_baseline(experiment, 0.3, 0.8, config=other)
+    record, why = load_baseline(experiment, expected)
+    assert record is None and "another configuration" in why
+
+
+def test_gain_table_in_the_report(experiment: Path) -> None:
+    write_baseline(experiment, digits=0.50, faces=0.90)  # finetuned: 0.40 and 0.86
+    md = (build_report(experiment) / "report.md").read_text()
+    rows = _table_rows(md, "Transfer gain")
+    assert rows == [
+        ["digits", "0.4000", "0.5000", "-10.0", "**yes**"],
+        ["faces", "0.8600", "0.9000", "-4.0", "**yes**"],
+        ["**mean**", "0.6300", "0.7000", "-7.0", "**yes**"],
+    ]
+    assert "at matched epochs (2 finetune epoch(s) each)" in md
+    assert "Negative transfer on digits, faces" in md
+
+
+def test_without_a_baseline_the_report_says_how_to_get_one(experiment: Path) -> None:
+    md = (build_report(experiment) / "report.md").read_text()
+    section = md.split("## Transfer gain\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`dtlray report {experiment} --baseline`" in section
+    assert "not run yet" in section
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+
+
+def test_no_such_directory(tmp_path: Path) -> None:
+    write_experiment(tmp_path / "exp", standard_trials())
+    with pytest.raises(DtlrayError, match="no such experiment directory") as err:
+        build_report(tmp_path / "exq")
+    assert "<storage-path>/<name>" in str(err.value)
+    assert "experiments there: exp" in str(err.value)
+
+
+def test_not_an_experiment(tmp_path: Path) -> None:
+    write_experiment(tmp_path / "results" / "exp", standard_trials())
+    with pytest.raises(DtlrayError, match="is not a Ray Tune experiment directory") as err:
+        build_report(tmp_path / "results")  # the storage path, not the experiment
+    assert "experiments inside it: exp" in str(err.value)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DtlrayError, match="is a file; pass the experiment directory"):
+        build_report(tmp_path / "f.txt")
+    with pytest.raises(DtlrayError, match="copy it down first"):
+        build_report("s3://bucket/results/exp")
+
+
+def test_a_running_experiment_is_refused(experiment: Path) -> None:
+    marker = {"pid": os.getpid(), "host": socket.gethostname()}
+    (experiment / RUNNING_FILE).write_text(json.dumps(marker))
+    with pytest.raises(DtlrayError, match="is still running") as err:
+        build_report(experiment)
+    assert "wait for it to finish" in str(err.value)
+    assert not (experiment / "report").exists()
+
+    (experiment / RUNNING_FILE).write_text(json.dumps({"pid": 1, "host": "other-node"}))
+    with pytest.raises(DtlrayError, match="still running on host other-node") as err:
+        build_report(experiment)
+    assert "delete that file if that run is gone" in str(err.value)
+
+
+def test_a_stale_running_marker_warns_and_reports(
+    experiment: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    marker = {"pid": dead.pid, "host": socket.gethostname()}
+    (experiment / RUNNING_FILE).write_text(json.dumps(marker))
+    with caplog.at_level(logging.WARNING, logger="dtlray.report"):
+        out = build_report(experiment)
+    assert (out / "report.md").is_file()
+    assert f"names pid {dead.pid}, which no longer runs" in caplog.text
+
+    (experiment / RUNNING_FILE).write_text("{half a marker")
+    with caplog.at_level(logging.WARNING, logger="dtlray.report"):
+        build_report(experiment)
+    assert f"ignoring unreadable {experiment / RUNNING_FILE}" in caplog.text
+
+
+def test_an_empty_experiment(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "exp", [])
+    with pytest.raises(DtlrayError, match="is empty: none of its 0 trial") as err:
+        build_report(exp)
+    assert "--resume" in str(err.value)
+    failed = [
+        FakeTrial("aaaa0001", p(1, 0.01, 0.5), [], status="ERROR", error="OSError: x"),
+        FakeTrial("aaaa0002", p(1, 0.02, 0.5), [], status="ERROR", error="OSError: y"),
+    ]
+    exp = write_experiment(tmp_path / "exp2", failed)
+    with pytest.raises(DtlrayError, match=r"none of its 2 trial\(s\) reported 'target/val_acc' "
+                       r"\(2 failed; see run_\*/error.txt\)"):  # fmt: skip
+        build_report(exp)
+
+
+def test_an_interrupted_search_without_best_json(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "results" / "exp", standard_trials(), with_best=False)
+    with pytest.raises(DtlrayError, match="has no best.json: the search was interrupted") as err:
+        build_report(exp)
+    assert f"--storage-path {tmp_path / 'results'} --name exp --resume" in str(err.value)
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_prints_where_the_report_is(
+    experiment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main_args([str(experiment), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert str(experiment / "report" / "report.html") in out
+    assert str(experiment / "report" / "report.md") in out
+
+
+def test_add_parser_registers_report_with_a_handler() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dtlray")
+    report.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", "/x", "--baseline", "--address", "auto"])
+    assert args.handler is report._cmd_report
+    assert (args.experiment, args.baseline, args.address, args.top_k) == ("/x", True, "auto", 5)
+
+
+def test_importing_the_module_loads_neither_ray_nor_optuna() -> None:
+    # torch comes with the config's backbone registry; Ray, Optuna and matplotlib load on use.
+    code = (
+        "import sys, dtlray.report; "
+        "sys.exit(1 if {'ray', 'optuna', 'matplotlib'} & set(sys.modules) else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
