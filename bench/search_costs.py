@@ -31,7 +31,8 @@ of the idle slot-seconds is good to about a second per trial; the ratios use ``t
 and a ``time.perf_counter`` wall clock. Other work on the machine shows directly in the numbers:
 the load average is printed at the start, between parts and at the end.
 
-Run from the repository root (about 15 minutes on 2 cores with the defaults)::
+Run from the repository root (40 trials of about a minute on 2 slots: 20-25 minutes on 2 idle
+cores, measured 33 minutes on a loaded machine; ``--quick``, 20 trials, about half that)::
 
     .venv/bin/python bench/search_costs.py
     .venv/bin/python bench/search_costs.py --quick       # smoke run: 4 trials, 8 over 4 configs
