@@ -81,6 +81,24 @@ def _find_claims(storage_path: str) -> ray.actor.ActorHandle | None:
         return None
 
 
+def _wait_for_claim(
+    claims: ray.actor.ActorHandle, key: str, result_dir: str, holder: str, lease_s: float
+) -> Literal["claimed", "load", "compute"]:
+    announced = False
+    try:
+        while not ray.get(claims.claim.remote(key, holder, lease_s), timeout=60):
+            if has_stage1(result_dir):
+                return "load"
+            if not announced:
+                log.info("stage 1 %s is being computed by another trial; waiting for it", key)
+                announced = True
+            time.sleep(POLL_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        log.warning("stage-1 claims unavailable (%s); computing stage 1 here", err)
+        return "compute"
+    return "claimed"
+
+
 @contextmanager
 def stage1_claim(
     storage_path: str, key: str, result_dir: str, holder: str, lease_s: float = LEASE_S
@@ -100,19 +118,10 @@ def stage1_claim(
         log.warning("no stage-1 claims actor for %s; computing stage 1 here", storage_path)
         yield "compute"
         return
-    announced = False
-    try:
-        while not ray.get(claims.claim.remote(key, holder, lease_s), timeout=60):
-            if has_stage1(result_dir):
-                yield "load"
-                return
-            if not announced:
-                log.info("stage 1 %s is being computed by another trial; waiting for it", key)
-                announced = True
-            time.sleep(POLL_S)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-        log.warning("stage-1 claims unavailable (%s); computing stage 1 here", err)
-        yield "compute"
+    outcome = _wait_for_claim(claims, key, result_dir, holder, lease_s)
+    if outcome != "claimed":
+        # Yield outside any try: the with-body's own exceptions must propagate untouched.
+        yield outcome
         return
     if has_stage1(result_dir):  # stored between our check and the claim
         claims.release.remote(key, holder)
