@@ -293,7 +293,7 @@ def quiet_ray_data() -> None:
 
 
 def init_ray(address: str | None, **local_options: Any) -> str | None:
-    """Join the cluster at ``address``, or start an embedded local Ray when it is None.
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start an embedded local Ray.
 
     The embedded Ray is always a new instance with its dashboard on a free 127.0.0.1 port, and
     its processes are told that address (``RAY_API_SERVER_ADDRESS``). Train's placement-group
@@ -310,6 +310,8 @@ def init_ray(address: str | None, **local_options: Any) -> str | None:
     quiet_ray_data()
     if ray.is_initialized():
         return None
+    # Ray's own convention: RAY_ADDRESS names the cluster to join when no address is given.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
         return None
