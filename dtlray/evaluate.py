@@ -15,8 +15,7 @@ import torch
 
 from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, read_split_table
-from dtlray.models import build_transfer_model
-from dtlray.stages import finetune_stage
+from dtlray.stages import build_model, finetune_stage
 from dtlray.train_loop import (
     CHECKPOINT_FILE,
     CHECKPOINT_META,
@@ -47,17 +46,7 @@ def evaluate_checkpoint(checkpoint_path: str, split: str = "test") -> dict[str, 
     cfg = TrialConfig.from_dict(meta["config"])
     infos = {name: ensure_dataset(name, cfg.data.root) for name in cfg.data.targets}
     spec = finetune_stage(cfg, metas_for(infos))
-    model = build_transfer_model(
-        backbone=cfg.model.backbone,
-        in_channels=cfg.data.channels,
-        small_input=cfg.small_input,
-        weights=None,  # the checkpoint has every weight
-        fusion_depth=cfg.model.fusion_depth,
-        fusion_width=cfg.model.fusion_width,
-        heads=spec.heads,
-        head_dropout=cfg.model.head_dropout,
-        fusion_dropout=cfg.model.fusion_dropout,
-    )
+    model = build_model(cfg, spec.heads, load_weights=False)  # the checkpoint has them all
     model.load_state_dict(state["model"])
     env = WorkerEnv(
         rank=0,

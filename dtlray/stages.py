@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dtlray.config import StageConfig, TrialConfig
+from dtlray.models import TransferModel, build_transfer_model
 
 StageName = Literal["pretrain", "finetune"]
 
@@ -106,4 +107,22 @@ def finetune_stage(cfg: TrialConfig, datasets: Mapping[str, DatasetMeta]) -> Sta
         freeze_backbone_epochs=cfg.stage2.freeze_backbone_epochs,
         reports_every_epoch=True,
         tests_at_end=True,
+    )
+
+
+def build_model(
+    cfg: TrialConfig, heads: Mapping[str, int], *, load_weights: bool = True
+) -> TransferModel:
+    """The trial's model with ``heads``; ``load_weights=False`` skips pretrained weights (for a
+    checkpoint that holds every weight anyway)."""
+    return build_transfer_model(
+        backbone=cfg.model.backbone,
+        in_channels=cfg.data.channels,
+        small_input=cfg.small_input,
+        weights=cfg.model.weights if load_weights else None,
+        fusion_depth=cfg.model.fusion_depth,
+        fusion_width=cfg.model.fusion_width,
+        heads=heads,
+        head_dropout=cfg.model.head_dropout,
+        fusion_dropout=cfg.model.fusion_dropout,
     )

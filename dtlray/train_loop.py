@@ -35,9 +35,16 @@ from torch import nn
 
 from dtlray.config import StageConfig, TrialConfig
 from dtlray.data import decode_uint8, to_model_input
-from dtlray.models import TransferModel, build_transfer_model, load_trunk
+from dtlray.models import TransferModel, load_trunk
 from dtlray.stage1_cache import Stage1Record, has_stage1, load_stage1, save_stage1
-from dtlray.stages import DatasetMeta, StageSpec, TaskSpec, finetune_stage, pretrain_stage
+from dtlray.stages import (
+    DatasetMeta,
+    StageSpec,
+    TaskSpec,
+    build_model,
+    finetune_stage,
+    pretrain_stage,
+)
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_META = "meta.json"
@@ -147,17 +154,7 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
-    model = build_transfer_model(
-        backbone=cfg.model.backbone,
-        in_channels=cfg.data.channels,
-        small_input=cfg.small_input,
-        weights=cfg.model.weights,
-        fusion_depth=cfg.model.fusion_depth,
-        fusion_width=cfg.model.fusion_width,
-        heads=finetune.heads,
-        head_dropout=cfg.model.head_dropout,
-        fusion_dropout=cfg.model.fusion_dropout,
-    ).to(env.device)
+    model = build_model(cfg, finetune.heads).to(env.device)
 
     resume = _load_resume(ray.train.get_checkpoint())
     if resume is not None:
