@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dtlray.config import TrialConfig
+from dtlray.dashboard import free_port
 from dtlray.data import (
     BUILTIN_DATASETS,
     DatasetInfo,
@@ -315,7 +315,7 @@ def init_ray(address: str | None, **local_options: Any) -> str | None:
     if address is not None:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
         return None
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     # Set before ray.init: the raylet and every worker inherit this process's environment.
     os.environ["RAY_API_SERVER_ADDRESS"] = url
@@ -329,12 +329,6 @@ def init_ray(address: str | None, **local_options: Any) -> str | None:
         **local_options,
     )
     return url
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_trainer(trainer: TorchTrainer) -> ray.train.Result:
