@@ -1,8 +1,8 @@
 """What differs between pretraining and finetuning, described as data.
 
 Both stages run through the same loop (:mod:`dtlray.train_loop`); a :class:`StageSpec` says which
-tasks (datasets and heads) a stage trains, with which optimiser settings and per-group learning
-rate multipliers, whether it reports to Ray Train every epoch and whether it ends with a test pass.
+tasks (datasets and heads) a stage trains, with which optimiser settings, per-group learning rate
+multipliers and backbone freezing, and under which keys the trainer holds each task's splits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ class DatasetMeta:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task: a dataset, its head, and the Ray Data dataset keys of its splits."""
+    """One task: a dataset, its head, and the Ray Data dataset keys of its splits.
+
+    ``test_key`` is None for a task that is never tested (the pretrain stage's source task).
+    """
 
     name: str
     meta: DatasetMeta
@@ -46,22 +49,11 @@ class StageSpec:
     optim: StageConfig
     lr_mult: Mapping[str, float]
     freeze_backbone_epochs: int
-    reports_every_epoch: bool
-    tests_at_end: bool
 
     @property
     def heads(self) -> dict[str, int]:
         """Head name -> number of classes, for building or resetting the model's heads."""
         return {task.name: task.meta.num_classes for task in self.tasks}
-
-    def dataset_keys(self) -> list[str]:
-        """Every Ray Data dataset key the stage reads."""
-        keys = []
-        for task in self.tasks:
-            keys += [task.train_key, task.val_key]
-            if self.tests_at_end and task.test_key is not None:
-                keys.append(task.test_key)
-        return keys
 
     def train_keys(self) -> list[str]:
         """The dataset keys that are sharded across workers (the train splits)."""
@@ -92,21 +84,17 @@ def pretrain_stage(cfg: TrialConfig, datasets: Mapping[str, DatasetMeta]) -> Sta
         optim=cfg.stage1,
         lr_mult={"backbone": 1.0, "fusion": 1.0, "heads": 1.0},
         freeze_backbone_epochs=0,
-        reports_every_epoch=False,
-        tests_at_end=False,
     )
 
 
 def finetune_stage(cfg: TrialConfig, datasets: Mapping[str, DatasetMeta]) -> StageSpec:
-    """Stage 2: one task per target, per-group multipliers, a report per epoch, a test at end."""
+    """Stage 2: one task per target (each with a test split), per-group multipliers."""
     return StageSpec(
         name="finetune",
         tasks=tuple(_task("finetune", datasets[t], with_test=True) for t in cfg.data.targets),
         optim=cfg.stage2,
         lr_mult={group: cfg.stage2.lr_mult(group) for group in ("backbone", "fusion", "heads")},
         freeze_backbone_epochs=cfg.stage2.freeze_backbone_epochs,
-        reports_every_epoch=True,
-        tests_at_end=True,
     )
 
 

@@ -8,11 +8,13 @@ Read (every trial)::
 
     info = load_info("digits")
     ds = open_split(info, "train", shuffle_files=True)     # ray.data.Dataset, validated first
-    for images, labels in ds.iter_torch_batches(collate_fn=make_collate_fn(info.image_shape)):
-        x = to_model_input(images, size=32, channels=3)    # on the worker's device
+    for batch in ds.iter_batches(batch_format="pyarrow"):
+        images = decode_uint8(batch["image"], info.image_shape)  # (B, C, H, W) uint8
+        x = to_model_input(images.to(device), size=32, channels=3)
 
-The decode functions (torch) and the collate function (Ray) load on first use, so ``dtlray data``
-commands stay quick.
+The decode functions (torch) load on first use and :func:`open_split` imports Ray when called, so
+``dtlray data prepare`` and ``dtlray data list`` import neither torch nor Ray (torchvision only
+for ``prepare fashion-mnist --download``).
 """
 
 from __future__ import annotations
@@ -36,14 +38,10 @@ from dtlray.data.prepare import Prepared
 from dtlray.data.read import open_split, read_split_table, validate_split
 
 if TYPE_CHECKING:
-    from dtlray.data.collate import ImageBatchCollate, make_collate_fn
-    from dtlray.data.decode import decode_images, decode_uint8, to_model_input
+    from dtlray.data.decode import decode_uint8, to_model_input
 
-# name -> module, imported on first use (torch and ray take seconds to import)
+# name -> module, imported on first use (torch takes seconds to import)
 _LAZY = {
-    "ImageBatchCollate": "dtlray.data.collate",
-    "make_collate_fn": "dtlray.data.collate",
-    "decode_images": "dtlray.data.decode",
     "decode_uint8": "dtlray.data.decode",
     "to_model_input": "dtlray.data.decode",
 }
@@ -53,16 +51,13 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "SPLITS",
     "DatasetInfo",
-    "ImageBatchCollate",
     "Prepared",
     "Provenance",
     "ShardInfo",
     "build_builtin",
     "build_image_folder",
-    "decode_images",
     "decode_uint8",
     "load_info",
-    "make_collate_fn",
     "open_split",
     "prepare_builtin",
     "prepare_image_folder",

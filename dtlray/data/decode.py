@@ -4,8 +4,7 @@ Stored rows are raw ``H*W*C`` uint8 bytes. :func:`decode_uint8` views a whole ba
 ``(B, H, W, C)`` array (zero-copy over the Arrow data buffer where it can) and makes one copy into
 ``(B, C, H, W)``; :func:`to_model_input` converts channels, resizes and normalises on whatever
 device the tensor is on, so a GPU worker can move uint8 (4x fewer bytes) and convert there.
-Nothing here imports Ray (model code may use it); the Ray ``collate_fn`` is in
-:mod:`dtlray.data.collate`.
+Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -105,39 +104,6 @@ def to_model_input(
     if out.shape[1] == 1 and channels == 3:  # after resizing: a third of the work
         out = out.repeat(1, 3, 1, 1)  # (B, 3, size, size)
     return out
-
-
-def decode_images(
-    images: ImageBatch,
-    image_shape: Sequence[int],
-    size: int,
-    channels: int,
-    *,
-    mean: float = 0.5,
-    std: float = 0.5,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """:func:`decode_uint8` then :func:`to_model_input`, moving the uint8 batch to ``device`` first.
-
-    Args:
-        images: Raw image rows (see :func:`decode_uint8`).
-        image_shape: Stored shape ``(H, W, C)``.
-        size: Output height and width.
-        channels: Output channels, 1 or 3.
-        mean: Normalisation mean.
-        std: Normalisation std.
-        device: Where to convert; None keeps the CPU.
-
-    Returns:
-        ``(B, channels, size, size)`` float32 tensor on ``device``.
-
-    Raises:
-        DtlrayError, TypeError, ValueError: As the two functions.
-    """
-    batch = decode_uint8(images, image_shape)
-    if device is not None:
-        batch = batch.to(device, non_blocking=True)
-    return to_model_input(batch, size, channels, mean, std)
 
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -223,11 +223,6 @@ class DatasetInfo(BaseModel):
         return self.model_dump_json(indent=2) + "\n"
 
 
-def dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
-    """The directory of dataset ``name`` under the resolved root (not checked on disk)."""
-    return resolve_root(root) / validate_name(name)
-
-
 def read_info(path: Path) -> DatasetInfo:
     """Read ``<path>/dataset.json`` into a :class:`DatasetInfo` whose ``path`` is ``path``.
 

@@ -159,7 +159,7 @@ def open_split(
 
     Returns:
         A dataset with columns ``image`` (binary) and ``label`` (int64); decode batches with
-        :func:`dtlray.data.decode_images` or :func:`dtlray.data.make_collate_fn`.
+        :func:`dtlray.data.decode_uint8`, then :func:`dtlray.data.to_model_input`.
 
     Raises:
         DtlrayError: See :func:`validate_split`.

@@ -1,4 +1,4 @@
-"""The Ray Data read path on a real local Ray: open_split -> iter_torch_batches -> tensors."""
+"""The Ray Data read path on a real local Ray: open_split -> Arrow/numpy batches -> tensors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from dtlray.data import (
-    decode_images,
+    decode_uint8,
     load_info,
-    make_collate_fn,
     open_split,
     prepare_builtin,
     read_split_table,
@@ -26,15 +25,16 @@ def test_open_split_streams_every_row_once(ray_cluster: None, tmp_path: Path) ->
     info = prepare_builtin("fashion-mnist", tmp_path, limit=12_000)  # train: 2 shards
     assert len(info.files["train"]) == 2
     dataset = open_split(info, "train", shuffle_files=True)
-    collate = make_collate_fn(info.image_shape)  # uint8 out: convert on the worker's device
     labels: list[int] = []
     pixel_sum = 0
-    for images, batch_labels in dataset.iter_torch_batches(batch_size=1000, collate_fn=collate):
+    # As the worker reads a streamed split: Arrow batches, uint8 decode, convert on the device.
+    for batch in dataset.iter_batches(batch_size=1000, batch_format="pyarrow"):
+        images = decode_uint8(batch["image"], info.image_shape)
         assert images.dtype == torch.uint8 and images.shape[1:] == (1, 28, 28)
         x = to_model_input(images, 32, 3)
         assert x.shape == (len(images), 3, 32, 32) and x.dtype == torch.float32
         assert -1.0 <= x.min() and x.max() <= 1.0
-        labels += batch_labels.tolist()
+        labels += batch["label"].to_pylist()
         pixel_sum += int(images.sum())
     table = read_split_table(info, "train")
     assert len(labels) == info.splits["train"] == 12_000
@@ -48,7 +48,7 @@ def test_numpy_batches_decode_to_model_input(ray_cluster: None, data_root: Path)
     rows = 0
     for batch in open_split(info, "val").iter_batches(batch_size=100, batch_format="numpy"):
         assert batch["image"].dtype == object  # Ray hands binary columns over as bytes objects
-        x = decode_images(batch["image"], info.image_shape, size=16, channels=1)
+        x = to_model_input(decode_uint8(batch["image"], info.image_shape), 16, 1)
         assert x.shape == (len(batch["label"]), 1, 16, 16)
         rows += len(x)
     assert rows == info.splits["val"]

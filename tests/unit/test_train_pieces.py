@@ -8,7 +8,7 @@ import torch
 
 from dtlray.config import TrialConfig
 from dtlray.models import build_transfer_model
-from dtlray.stages import DatasetMeta, finetune_stage, pretrain_stage
+from dtlray.stages import DatasetMeta, dataset_key, finetune_stage, pretrain_stage
 from dtlray.train_loop import build_optimizer, build_scheduler
 from dtlray.trial import select_label_budget
 
@@ -58,7 +58,9 @@ def test_pretrain_uses_one_lr_and_a_source_head() -> None:
     cfg = TrialConfig.from_flat({"stage1.lr": 0.07, "stage2.lr_mult_backbone": 0.1})
     spec = pretrain_stage(cfg, METAS)
     assert spec.heads == {"fashion-mnist": 10}
-    assert not spec.reports_every_epoch and not spec.tests_at_end
+    (task,) = spec.tasks
+    assert task.test_key is None  # the source is never tested
+    assert spec.train_keys() == [dataset_key("pretrain", "fashion-mnist", "train")]
     optimizer = build_optimizer(_model(cfg, spec.heads), spec)
     assert {g["lr"] for g in optimizer.param_groups} == {0.07}
 
@@ -66,9 +68,16 @@ def test_pretrain_uses_one_lr_and_a_source_head() -> None:
 def test_finetune_has_one_head_per_target() -> None:
     spec = finetune_stage(TrialConfig(), METAS)
     assert spec.heads == {"digits": 10, "faces": 2}
-    assert spec.reports_every_epoch and spec.tests_at_end
-    assert len(set(spec.dataset_keys())) == 6
-    assert all("/" not in key for key in spec.dataset_keys())  # Ray Data uses them in paths
+    keys = [key for t in spec.tasks for key in (t.train_key, t.val_key, t.test_key)]
+    # The trial names its datasets with dataset_key; the loop reads them by the task's keys.
+    assert keys == [
+        dataset_key("finetune", name, split)
+        for name in ("digits", "faces")
+        for split in ("train", "val", "test")
+    ]
+    assert len(set(keys)) == 6
+    assert all("/" not in key for key in keys)  # Ray Data uses them in log file paths
+    assert spec.train_keys() == keys[::3]
 
 
 @pytest.mark.parametrize(("schedule", "last_lr"), [("constant", 0.1), ("cosine", 0.0)])
