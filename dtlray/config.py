@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dtlray.errors import DtlrayError
-from dtlray.models import default_small_input, list_backbones
 
-TASK_GROUPS = ("backbone", "fusion", "heads")
+# The torch-free registry: validating a config never imports torch (dtlray check stays quick).
+from dtlray.models.registry import default_small_input, list_backbones
 
 
 class _Section(BaseModel):

@@ -1,4 +1,8 @@
-"""``dtlray data prepare`` and ``dtlray data list``."""
+"""``dtlray data prepare`` and ``dtlray data list``.
+
+Neither imports torch or Ray (tests/unit/test_light_imports.py checks it): preparing needs numpy,
+pyarrow and the dataset's own reader, listing reads only ``dataset.json`` files.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Backbone registry: torchvision VGG and ResNet classifiers turned into pooled feature extractors.
 
-A name maps to a torchvision builder and its weights enum through one explicit dict (the
-torchvision ``models/_api.py`` way), so an unknown name fails with the list of valid ones instead of
-reaching into a module by attribute. Every backbone returns a pooled ``(B, out_features)`` vector;
-the classification head is dropped because dtlray puts its own fusion module and heads on top.
+The names, their families and input-size limits are listed once, without torch, in
+:mod:`dtlray.models.registry`; a name's builder and weights enum come from torchvision's own
+registry (``get_model_builder``/``get_model_weights``, its ``models/_api.py``), so an unknown name
+fails with the list of valid ones instead of reaching into a module by attribute. Every backbone
+returns a pooled ``(B, out_features)`` vector; the classification head is dropped because dtlray
+puts its own fusion module and heads on top.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -25,13 +26,11 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from dtlray.errors import DtlrayError
+from dtlray.models.registry import backbone_family, min_input_size
 
-__all__ = ["Backbone", "build_backbone", "default_small_input", "list_backbones"]
+__all__ = ["Backbone", "build_backbone"]
 
 logger = logging.getLogger(__name__)
-
-#: Images smaller than this (in px, the shorter side) get the small-input variant under ``auto``.
-SMALL_INPUT_BELOW_PX = 64
 
 #: Set to 1/true/yes to forbid any weights download (tests, air-gapped clusters): a weights file
 #: missing from the torch hub cache then fails at once instead of trying the network.
@@ -43,27 +42,15 @@ _VGG_SMALL_INPUT_DROPPED_POOLS = 2
 
 @dataclass(frozen=True)
 class _BackboneSpec:
-    """How to build one registry entry: its family, torchvision builder and weights enum."""
+    """How to build one registry entry: its torchvision builder and weights enum."""
 
-    family: Literal["resnet", "vgg"]
     builder: Callable[..., nn.Module]
     weights: type[WeightsEnum]
 
-
-_BACKBONES: dict[str, _BackboneSpec] = {
-    "vgg11": _BackboneSpec("vgg", tvm.vgg11, tvm.VGG11_Weights),
-    "vgg11_bn": _BackboneSpec("vgg", tvm.vgg11_bn, tvm.VGG11_BN_Weights),
-    "vgg13": _BackboneSpec("vgg", tvm.vgg13, tvm.VGG13_Weights),
-    "vgg13_bn": _BackboneSpec("vgg", tvm.vgg13_bn, tvm.VGG13_BN_Weights),
-    "vgg16": _BackboneSpec("vgg", tvm.vgg16, tvm.VGG16_Weights),
-    "vgg16_bn": _BackboneSpec("vgg", tvm.vgg16_bn, tvm.VGG16_BN_Weights),
-    "vgg19": _BackboneSpec("vgg", tvm.vgg19, tvm.VGG19_Weights),
-    "vgg19_bn": _BackboneSpec("vgg", tvm.vgg19_bn, tvm.VGG19_BN_Weights),
-    "resnet18": _BackboneSpec("resnet", tvm.resnet18, tvm.ResNet18_Weights),
-    "resnet34": _BackboneSpec("resnet", tvm.resnet34, tvm.ResNet34_Weights),
-    "resnet50": _BackboneSpec("resnet", tvm.resnet50, tvm.ResNet50_Weights),
-    "resnet101": _BackboneSpec("resnet", tvm.resnet101, tvm.ResNet101_Weights),
-}
+    @classmethod
+    def of(cls, name: str) -> _BackboneSpec:
+        # Every registry name is a torchvision builder name (test_models checks them all).
+        return cls(tvm.get_model_builder(name), tvm.get_model_weights(name))
 
 
 class Backbone(nn.Module):
@@ -87,42 +74,20 @@ class Backbone(nn.Module):
         """Pooled features of a batch of images.
 
         Args:
-            x: Images, shape ``(B, C, H, W)``.
+            x: Images, shape ``(B, C, H, W)``, at least ``min_input_size`` px on each side.
 
         Returns:
             Features, shape ``(B, out_features)``.
-
-        Raises:
-            DtlrayError: If the images are smaller than this backbone's downsampling allows.
         """
         # (B, C, H, W)
-        if min(x.shape[-2:]) < self.min_input_size:
-            # Without this check torch fails deep inside a pooling layer with "Output size is too
-            # small", which does not say which setting to change.
-            raise DtlrayError(
-                f"Backbone {self.name!r} needs images of at least {self.min_input_size} px, "
-                f"got {x.shape[-2]}x{x.shape[-1]}: set `small_input: true` (or `auto`), "
-                "or resize the dataset to larger images."
-            )
+        # TrialConfig rejects an image_size below the minimum, so this only fires for a caller
+        # that skipped it; torch would fail deep inside a pooling layer ("Output size is too
+        # small") without naming the backbone.
+        assert min(x.shape[-2:]) >= self.min_input_size, (
+            f"backbone {self.name!r} needs images of at least {self.min_input_size} px, "
+            f"got {x.shape[-2]}x{x.shape[-1]}"
+        )
         return self.body(x)  # (B, out_features)
-
-
-def list_backbones() -> list[str]:
-    """Names accepted by :func:`build_backbone`, sorted."""
-    return sorted(_BACKBONES)
-
-
-def default_small_input(image_size: int) -> bool:
-    """Whether ``small_input: auto`` should pick the small-input variant for this image size.
-
-    Args:
-        image_size: The shorter image side in pixels.
-
-    Returns:
-        True below 64 px, where the ImageNet stem (ResNet) or five pools (VGG) would shrink the
-        image to nothing before the deep layers see it.
-    """
-    return image_size < SMALL_INPUT_BELOW_PX
 
 
 def build_backbone(
@@ -135,7 +100,7 @@ def build_backbone(
     """Build a registry backbone as a pooled feature extractor.
 
     Args:
-        name: A name from :func:`list_backbones`.
+        name: A name from :func:`~dtlray.models.list_backbones`.
         in_channels: Image channels (1 for grey, 3 for RGB). With pretrained weights a grey first
             conv is initialised from the sum of the RGB filters.
         small_input: Adapt the network to 28-64 px images. ResNet gets a 3x3 stride-1 stem conv
@@ -152,11 +117,7 @@ def build_backbone(
             neither in the torch hub cache nor downloadable.
         ValueError: If ``in_channels < 1``.
     """
-    spec = _BACKBONES.get(name)
-    if spec is None:
-        raise DtlrayError(
-            f"Unknown backbone {name!r}: choose one of {', '.join(list_backbones())}."
-        )
+    family = backbone_family(name)  # an unknown name fails here, listing the valid ones
     if weights is not None and weights not in _WEIGHTS_CHOICES:
         raise DtlrayError(
             f"Unknown weights {weights!r} for backbone {name!r}: use `weights: imagenet` for "
@@ -166,7 +127,8 @@ def build_backbone(
         raise ValueError(f"in_channels must be >= 1, but got {in_channels}")
 
     pretrained = weights == "imagenet"
-    if spec.family == "resnet":
+    spec = _BackboneSpec.of(name)
+    if family.name == "resnet":
         return _build_resnet(name, spec, in_channels, small_input, pretrained)
     return _build_vgg(name, spec, in_channels, small_input, pretrained)
 
@@ -192,8 +154,7 @@ def _build_resnet(
         body.maxpool = nn.Identity()
     else:
         body.conv1 = _adapt_input_conv(body.conv1, in_channels, pretrained=pretrained)
-    # torchvision ResNets end in an adaptive pool, so any size >= 1 px runs.
-    return Backbone(name, body, out_features, min_input_size=1)
+    return Backbone(name, body, out_features, min_input_size(name, small_input))
 
 
 def _build_vgg(
@@ -225,7 +186,9 @@ def _build_vgg(
         pool_indices = pool_indices[:-_VGG_SMALL_INPUT_DROPPED_POOLS]
     features[0] = _adapt_input_conv(features[0], in_channels, pretrained=pretrained)
     out_features = [m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels
-    return Backbone(name, body, out_features, min_input_size=2 ** len(pool_indices))
+    minimum = min_input_size(name, small_input)
+    assert 2 ** len(pool_indices) == minimum, (name, small_input, len(pool_indices), minimum)
+    return Backbone(name, body, out_features, minimum)
 
 
 def _init_conv(conv: nn.Conv2d) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from dtlray.errors import DtlrayError
 from dtlray.models.backbones import Backbone, build_backbone
 from dtlray.models.fusion import FeatureFusion
+from dtlray.models.registry import head_name_problem
 
 __all__ = ["TransferModel", "build_transfer_model", "load_trunk"]
 
@@ -32,7 +33,8 @@ class TransferModel(nn.Module):
     Args:
         backbone: The feature extractor.
         fusion: The fusion module; its ``in_features`` must equal ``backbone.out_features``.
-        heads: Task name -> number of classes. Names may contain ``-`` but not ``.``.
+        heads: Task name -> number of classes. Names may contain ``-`` but not ``.``, and may
+            not be an ``nn.ModuleDict`` attribute (see :func:`~dtlray.models.head_name_problem`).
         head_dropout: Dropout probability on the fused features before the heads, in ``[0, 1)``.
 
     Raises:
@@ -154,14 +156,15 @@ class TransferModel(nn.Module):
 
 
 def _check_task_name(task: object, heads: nn.ModuleDict) -> None:
-    # ModuleDict keys become attribute names and state-dict key segments, so '.' (the key
-    # separator), '' and the names of existing attributes ('keys', 'items', ...) cannot be used.
-    if not isinstance(task, str) or not task or "." in task or hasattr(heads, task):
+    # The rule TrialConfig already applied to the dataset names; hasattr also catches an
+    # attribute that a newer torch added to ModuleDict.
+    problem = head_name_problem(task)
+    if problem is None and isinstance(task, str) and hasattr(heads, task):
+        problem = f"{task!r} cannot name a classifier head: it is an attribute of nn.ModuleDict"
+    if problem is not None:
         raise DtlrayError(
-            f"Task name {task!r} cannot name a classifier head: task names must be non-empty, "
-            "contain no '.', and not be one of the reserved names "
-            "('keys', 'items', 'values', 'update', 'pop', 'clear', 'training', ...). "
-            "Rename the dataset (e.g. `--name`) or the task in the search space."
+            f"{problem}. Rename the dataset (e.g. `dtlray data prepare --image-folder DIR "
+            "--name NEW`) or the task in the search space."
         )
 
 
