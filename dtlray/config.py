@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dtlray.errors import DtlrayError
 
 # The torch-free registry: validating a config never imports torch (dtlray check stays quick).
-from dtlray.models.registry import default_small_input, list_backbones
+from dtlray.models.registry import (
+    default_small_input,
+    head_name_problem,
+    list_backbones,
+    min_input_size,
+)
 
 
 class _Section(BaseModel):
@@ -45,9 +50,17 @@ class DataConfig(_Section):
     in_memory_max_mb: int = Field(
         default=2048,
         ge=0,
-        description="Train shards smaller than this (per worker) are decoded once and kept in "
-        "memory; larger ones stream from Ray Data every epoch.",
+        description="A source train shard up to this size (MB per worker) is decoded once and "
+        "kept in memory; a larger one streams from Ray Data every epoch. Target train splits are "
+        "always kept in memory; a trial with a target train split larger than this fails before "
+        "training starts.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source_names_a_head(cls, source: str) -> str:
+        _check_head_name(source)
+        return source
 
     @field_validator("targets")
     @classmethod
@@ -56,7 +69,20 @@ class DataConfig(_Section):
             raise ValueError("needs at least one target dataset, e.g. targets: [digits]")
         if len(set(targets)) != len(targets):
             raise ValueError(f"lists a dataset twice: {list(targets)}; each target is one task")
+        for target in targets:
+            _check_head_name(target)
         return targets
+
+
+def _check_head_name(dataset: str) -> None:
+    # Each dataset gets a classifier head named after it (the source in stage 1, every target in
+    # stage 2); fail here rather than when the model is built on a worker.
+    problem = head_name_problem(dataset)
+    if problem is not None:
+        raise ValueError(
+            f"dataset {problem}; prepare it under another name (`dtlray data prepare "
+            "--image-folder DIR --name NEW`, letters, digits, '_' and '-') and use that"
+        )
 
 
 class ModelConfig(_Section):
@@ -95,7 +121,11 @@ class StageConfig(_Section):
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     step_epochs: int = Field(default=1, ge=1, description="For schedule: step.")
     step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="For schedule: step.")
-    augment: bool = Field(default=False, description="Random crop (pad 4) and horizontal flip.")
+    augment: bool = Field(
+        default=False,
+        description="Per-sample random translation by up to 1/8 of the image side "
+        "(reflection-padded) and a random horizontal flip.",
+    )
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> StageConfig:
@@ -173,6 +203,17 @@ class TrialConfig(_Section):
     stage2: FinetuneConfig = FinetuneConfig()
     resources: ResourcesConfig = ResourcesConfig()
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _image_fits_backbone(self) -> TrialConfig:
+        minimum = min_input_size(self.model.backbone, self.small_input)
+        if self.data.image_size < minimum:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} is below the {minimum} px that backbone "
+                f"{self.model.backbone!r} needs with small_input={self.small_input}; set "
+                f"data.image_size >= {minimum}, or model.small_input: true (or auto)"
+            )
+        return self
 
     # -- construction -------------------------------------------------------------------------
 
@@ -283,6 +324,10 @@ def format_validation_error(err: ValidationError) -> str:
             valid = [k for k in valid_keys() if k.startswith(f"{section}.")] if section else []
             message = "unknown key" + (f"; valid keys here: {', '.join(valid)}" if valid else "")
             lines.append(f"{field}: {message}")
+            continue
+        if not item["loc"] and item["type"] == "value_error":
+            # A check across sections (TrialConfig's own validator) names its fields itself.
+            lines.append(message)
             continue
         got = item.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"

@@ -83,3 +83,46 @@ def test_small_input_auto_follows_image_size() -> None:
     auto = TrialConfig.from_flat({"data.image_size": 32})
     explicit = TrialConfig.from_flat({"data.image_size": 32, "model.small_input": True})
     assert auto.stage1_key("fp") == explicit.stage1_key("fp")
+
+
+@pytest.mark.parametrize(
+    ("flat", "field", "value", "problem"),
+    [
+        ({"data.targets": ["digits", "mnist.v2"]}, "data.targets", "'mnist.v2'", "contain '.'"),
+        ({"data.targets": ["train"]}, "data.targets", "'train'", "reserved by torch"),
+        ({"data.source": "photos.2024"}, "data.source", "'photos.2024'", "contain '.'"),
+        ({"data.source": "keys"}, "data.source", "'keys'", "reserved by torch"),
+    ],
+)
+def test_dataset_names_that_cannot_name_a_head_fail_at_construction(
+    flat: dict, field: str, value: str, problem: str
+) -> None:
+    with pytest.raises(DtlrayError) as info:
+        TrialConfig.from_flat(flat)
+    message = str(info.value)
+    assert f"{field}: dataset {value} cannot name a classifier head" in message
+    assert problem in message
+    assert "--name NEW" in message  # the fix: prepare it under another name
+
+
+def test_image_size_below_the_backbone_minimum_says_the_minimum_and_the_fix() -> None:
+    with pytest.raises(DtlrayError) as info:
+        TrialConfig.from_flat(
+            {"model.backbone": "vgg11", "model.small_input": False, "data.image_size": 28}
+        )
+    message = str(info.value)
+    assert "data.image_size=28 is below the 32 px that backbone 'vgg11' needs" in message
+    assert "data.image_size >= 32" in message
+    assert "model.small_input: true" in message
+
+
+@pytest.mark.parametrize(
+    "flat",
+    [
+        {"model.backbone": "vgg11", "model.small_input": False, "data.image_size": 32},
+        {"model.backbone": "vgg11", "model.small_input": "auto", "data.image_size": 8},
+        {"model.backbone": "resnet18", "model.small_input": False, "data.image_size": 8},
+    ],
+)
+def test_image_sizes_the_backbone_takes_pass(flat: dict) -> None:
+    TrialConfig.from_flat(flat)
