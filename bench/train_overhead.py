@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, load_info, prepare_builtin, read_split_table, to_model_input
 from dtlray.models import TransferModel, build_transfer_model
+from dtlray.ray_session import init_ray
 from dtlray.search_space import load_space
-from dtlray.trial import build_trainer, init_ray, run_trainer, select_label_budget
+from dtlray.trial import build_trainer, run_trainer, select_label_budget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = REPO_ROOT / "search_spaces" / "tiny.yaml"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,19 +49,28 @@ def _add_check_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from dtlray.search_space import load_space
+    from dtlray.search_space import check_searchable, load_space
 
     for path in args.spaces:
         space = load_space(path)
+        check_searchable(space, path)
         trial = space.trial
         print(
             f"{path}: ok — {space.num_samples} trials, {len(space.search)} searched "
-            f"({', '.join(space.search) or 'none'}), {space.searcher.type} searcher, "
+            f"({', '.join(space.search)}), {space.searcher.type} searcher, "
             f"{space.scheduler.type} scheduler (max {space.max_epochs} finetune epochs, first "
             f"rung {space.grace_period}), objective {space.objective.metric} "
             f"({space.objective.mode}); {trial.data.source} -> {', '.join(trial.data.targets)}"
         )
     return 0
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Tune's and Train's full console output (default: dtlray's lines only)",
+    )
 
 
 def _add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -93,60 +103,80 @@ def _add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a fixed trial value, e.g. --set stage2.epochs=2 (repeatable)",
     )
+    _add_verbose(p)
     p.set_defaults(handler=_cmd_tune)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    import time
-
+    from dtlray.experiment import ExperimentDir, default_name, resolve_storage_path
+    from dtlray.ray_session import init_ray
     from dtlray.search import (
         build_tuner,
+        check_datasets,
+        resolve_space,
         restore_tuner,
-        running_marker,
+        started_space,
         summarize_best,
         unfinished_trials,
     )
-    from dtlray.search_space import load_space
-    from dtlray.trial import init_ray, resolve_storage_path
+    from dtlray.search_space import check_searchable, load_space
 
-    space = load_space(args.space)
     if args.num_samples is not None and args.num_samples < 1:
         raise DtlrayError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.resume and not args.name:
         raise DtlrayError("--resume needs the --name of the interrupted experiment")
+    space = load_space(args.space)
+    overrides = parse_overrides(args.overrides)
+    budget = {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials}
+    # Bad input fails here, in one line, before Ray starts.
+    if args.resume:
+        started_space(ExperimentDir.at(args.storage_path, args.name), overrides=overrides, **budget)
+    else:
+        check_searchable(space, args.space)
+        check_datasets(resolve_space(space, overrides=overrides))
+    if not args.verbose:
+        # Tune's console (status tables, its experiment banner) gives way to dtlray's lines;
+        # with the new output engine even verbose=0 prints a banner.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage_path = resolve_storage_path(args.storage_path)
-    dashboard = init_ray(args.address)
+    experiment = ExperimentDir.at(storage_path, args.name or default_name(space.name))
+    dashboard = init_ray(args.address, verbose=args.verbose)
     if dashboard:
         print(f"Ray dashboard: {dashboard}", flush=True)
-    name = args.name or f"{space.name or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment_path = f"{storage_path.rstrip('/')}/{name}"
     if args.resume:
-        tuner = restore_tuner(space, storage_path, name)
+        tuner = restore_tuner(storage_path, experiment.name, overrides=overrides, **budget)
     else:
         tuner = build_tuner(
             space,
             storage_path=storage_path,
-            name=name,
-            num_samples=args.num_samples,
-            max_concurrent_trials=args.max_concurrent_trials,
+            name=experiment.name,
             study_storage=args.study_storage or "auto",
-            overrides=parse_overrides(args.overrides),
+            overrides=overrides,
+            verbose=args.verbose,
+            **budget,
         )
-    if args.study_storage is None and "://" not in experiment_path:
-        print(f"Optuna study: dtlray dashboard {experiment_path}", flush=True)
-    with running_marker(experiment_path):
+    # From here on the search is what it was started as: read it back from the experiment.
+    started = experiment.read_space()
+    if args.study_storage is None and experiment.is_local:
+        print(f"Optuna study: dtlray dashboard {experiment.path}", flush=True)
+    with experiment.running():
         results = tuner.fit()
-    left = unfinished_trials(results, args.num_samples or space.num_samples)
+    left = unfinished_trials(results, started.num_samples)
     if left:
         print(
-            f"\ndtlray tune: interrupted with {left} trial(s) unfinished. Resume with:\n"
-            f"  dtlray tune {args.space} --storage-path {storage_path} --name {name} --resume",
+            f"\ndtlray tune: interrupted with {left} trial(s) unfinished. Resume with the same "
+            f"command plus --resume:\n  dtlray tune {args.space} --storage-path {storage_path} "
+            f"--name {experiment.name}{_set_args(args.overrides)} --resume",
             flush=True,
         )
         return 130
-    summary = summarize_best(results, space, results.experiment_path)
-    _print_summary(summary, experiment_path)
+    summary = summarize_best(results, started, experiment)
+    _print_summary(summary, experiment.path)
     return 0
+
+
+def _set_args(pairs: Sequence[str]) -> str:
+    return "".join(f" --set {pair}" for pair in pairs)
 
 
 def _print_summary(summary: dict, experiment_path: str) -> None:
@@ -159,10 +189,11 @@ def _print_summary(summary: dict, experiment_path: str) -> None:
     for key, value in sorted(summary.get("test", {}).items()):
         print(f"  {key:<28} {value:.4f}")
     reuse = summary["stage1"]
+    diverged = f", {summary['diverged']} diverged" if summary.get("diverged") else ""
     print(
         f"stage 1: {reuse['misses']} computed, {reuse['hits']} reused "
         f"({reuse['seconds_saved']:.0f} s of pretraining saved); "
-        f"{summary['trials']} trials, {summary['errors']} failed"
+        f"{summary['trials']} trials, {summary['errors']} failed{diverged}"
     )
     print(f"best.json and results: {experiment_path}")
 
@@ -186,6 +217,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-path", help="results directory or URI (default ~/dtlray_results)")
     p.add_argument("--name", help="run name (default: train-<space>-<time>)")
     p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    _add_verbose(p)
     p.set_defaults(handler=_cmd_train)
 
 
@@ -206,17 +238,18 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import time
-
     from dtlray.config import TrialConfig
+    from dtlray.experiment import default_name, resolve_storage_path
+    from dtlray.metrics import DIVERGED_METRIC
+    from dtlray.ray_session import init_ray
     from dtlray.search_space import load_space
-    from dtlray.trial import build_trainer, init_ray, resolve_storage_path, run_trainer
+    from dtlray.trial import build_trainer, run_trainer
 
     space = load_space(args.space)
     cfg = TrialConfig.from_flat(parse_overrides(args.overrides), base=space.trial_config())
     storage_path = resolve_storage_path(args.storage_path)
-    name = args.name or f"train-{space.name or 'space'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    init_ray(args.address)
+    name = args.name or default_name(space.name, prefix="train")
+    init_ray(args.address, verbose=args.verbose)
     trainer, plan = build_trainer(cfg, storage_path=storage_path, run_name=name)
     print(
         f"dtlray train: {cfg.model.backbone}, fusion depth {cfg.model.fusion_depth}, "
@@ -225,9 +258,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = run_trainer(trainer)
+    metrics = result.metrics or {}
+    if metrics.get(DIVERGED_METRIC):
+        print(f"\ndtlray train: {metrics.get('diverged/reason')}", file=sys.stderr)
+        print(f"results: {result.path}")
+        return 1
     print("\nfinal metrics:")
-    for key in sorted(result.metrics):
-        value = result.metrics[key]
+    for key in sorted(metrics):
+        value = metrics[key]
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<36} {shown}")
     print(f"\nresults: {result.path}")

@@ -8,17 +8,11 @@ It listens on 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import argparse
-import socket
 from pathlib import Path
 
 from dtlray.errors import DtlrayError
-
-STUDY_FILE = "optuna.db"
-
-
-def study_url(experiment: str | Path) -> str:
-    """The SQLAlchemy URL of an experiment's study file."""
-    return f"sqlite:///{Path(experiment).resolve() / STUDY_FILE}"
+from dtlray.experiment import STUDY_FILE, ExperimentDir
+from dtlray.ray_session import free_port
 
 
 def find_study(experiment: str | Path) -> str:
@@ -33,19 +27,13 @@ def find_study(experiment: str | Path) -> str:
             f"no experiment at {str(path)!r}; pass the experiment directory "
             "(<storage-path>/<name>, printed by dtlray tune)"
         )
-    if not (path / STUDY_FILE).is_file():
+    exp = ExperimentDir(str(path.resolve()))
+    if not exp.has_study():
         raise DtlrayError(
             f"{path} has no {STUDY_FILE}: it is not a dtlray search on local storage, or it "
             "was run with --study-storage (then run optuna-dashboard on that URL)"
         )
-    return study_url(path)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return exp.study_url
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
-import pyarrow.fs as pafs
 import torch
 
 from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, read_split_table
+from dtlray.experiment import filesystem
 from dtlray.stages import build_model, finetune_stage
 from dtlray.train_loop import (
     CHECKPOINT_FILE,
@@ -26,19 +25,13 @@ from dtlray.train_loop import (
 from dtlray.trial import ensure_dataset, metas_for
 
 
-def _open(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def evaluate_checkpoint(checkpoint_path: str, split: str = "test") -> dict[str, float]:
     """Accuracy of a finetune checkpoint on ``split`` of every target.
 
     Returns:
         ``{"target/<task>/<split>_acc": ..., "target/<split>_acc": mean over tasks}``.
     """
-    fs, root = _open(checkpoint_path)
+    fs, root = filesystem(checkpoint_path)
     with fs.open_input_stream(f"{root}/{CHECKPOINT_META}") as f:
         meta = json.loads(f.read())
     with fs.open_input_stream(f"{root}/{CHECKPOINT_FILE}") as f:

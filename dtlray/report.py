@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -47,12 +46,19 @@ if TYPE_CHECKING:
     from dtlray.config import TrialConfig
     from dtlray.search_space import SearchSpace
 
-from dtlray.search_space import BEST_FILE, RUNNING_FILE, SPACE_FILE, to_optuna_distributions
+from dtlray.experiment import (
+    BASELINE_DIR,
+    BEST_FILE,
+    REPORT_DIR,
+    SPACE_FILE,
+    ExperimentDir,
+    write_json,
+)
+from dtlray.metrics import DIVERGED_METRIC
+from dtlray.search_space import to_optuna_distributions
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
-BASELINE_DIR = "baseline"
 BASELINE_FILE = "result.json"
 ERROR_FILE = "error.txt"  # Tune's per-trial error log
 DEFAULT_TOP_K = 5
@@ -124,13 +130,29 @@ class TrialRecord:
         return _finite(last.get("stage1/compute_seconds")) or 0.0
 
     @property
+    def diverged(self) -> bool:
+        """The trial ended itself because its training loss went non-finite."""
+        return bool(self.history and self.history[-1].get(DIVERGED_METRIC))
+
+    @property
+    def stopped_early(self) -> bool:
+        """A finished trial that ran fewer finetune epochs than planned (ASHA stopped it)."""
+        return (
+            self.done
+            and not self.diverged
+            and self.planned_epochs is not None
+            and self.epochs < self.planned_epochs
+        )
+
+    @property
     def status_text(self) -> str:
         """A short status for the results table."""
+        if self.diverged:
+            return "diverged"
         if self.status == "ERROR" or (self.status == "UNKNOWN" and self.error and not self.done):
             return "error"
         if self.status in ("TERMINATED", "UNKNOWN") and self.done:
-            stopped = self.planned_epochs is not None and self.epochs < self.planned_epochs
-            text = "stopped early" if stopped else "completed"
+            text = "stopped early" if self.stopped_early else "completed"
             return f"{text} (after a retry)" if self.error else text
         return self.status.lower() if self.status != "UNKNOWN" else "unfinished"
 
@@ -195,7 +217,7 @@ def check_experiment_dir(path: str | os.PathLike[str]) -> Path:
             f"{str(exp)!r} is not a Ray Tune experiment directory (it has no tuner.pkl or "
             f"experiment_state-*.json); pass <storage-path>/<name> of a dtlray tune run{hint}"
         )
-    _check_not_running(exp)
+    ExperimentDir(str(exp)).check_not_running()
     return exp
 
 
@@ -211,46 +233,6 @@ def _experiments_hint(parent: Path, where: str) -> str:
         return ""
     shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
     return f" ({where}: {shown})"
-
-
-def _check_not_running(exp: Path) -> None:
-    """Refuse a search that ``dtlray tune`` is still running (its marker names a live pid)."""
-    marker = exp / RUNNING_FILE
-    if not marker.is_file():
-        return
-    try:
-        owner = json.loads(marker.read_text())
-        pid, host = int(owner["pid"]), str(owner["host"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("dtlray report: ignoring unreadable %s (%s)", marker, err)
-        return
-    if host != socket.gethostname():
-        # Another machine's process table is out of reach: trust the marker, say how to clear it.
-        raise DtlrayError(
-            f"experiment {str(exp)!r} is still running on host {host} (pid {pid}, per {marker}); "
-            "wait for dtlray tune to finish, or delete that file if that run is gone"
-        )
-    if _pid_alive(pid):
-        raise DtlrayError(
-            f"experiment {str(exp)!r} is still running (dtlray tune, pid {pid}); wait for it to "
-            "finish (it writes best.json at the end), then run dtlray report again"
-        )
-    log.warning(
-        "dtlray report: %s names pid %d, which no longer runs (a killed search?); reporting "
-        "what the experiment holds",
-        marker,
-        pid,
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -499,8 +481,11 @@ def _param_value(value: Any) -> Any:
 def build_study(exp: Experiment) -> optuna.Study:
     """An in-memory Optuna study with one trial per Tune trial, in start order.
 
-    Trials that reported the objective are ``COMPLETE`` with their last value; trials that
-    failed without reporting it are ``FAIL``; unfinished trials with no value are left out.
+    States as ``dtlray tune`` records them in its mirrored study: a trial that ran all its
+    finetune epochs is ``COMPLETE`` with its last value; one that ASHA stopped early, or that
+    diverged, is ``PRUNED`` with its per-epoch values as intermediate values (so fANOVA, which
+    reads completed trials only, does not take a 3-epoch value for a final one); one that
+    failed without reporting is ``FAIL``; unfinished trials with no value are left out.
     """
     import optuna
 
@@ -513,15 +498,19 @@ def build_study(exp: Experiment) -> optuna.Study:
         if value is None and trial.status_text != "error":
             continue
         params = {k: _param_value(v) for k, v in trial.params.items() if k in exp.distributions}
+        state = optuna.trial.TrialState
+        if trial.diverged or trial.stopped_early:
+            kind, value = state.PRUNED, None
+        else:
+            kind = state.COMPLETE if value is not None else state.FAIL
         study.add_trial(
             optuna.trial.create_trial(
                 params=params,
                 distributions={k: exp.distributions[k] for k in params},
                 value=value,
-                state=optuna.trial.TrialState.COMPLETE
-                if value is not None
-                else optuna.trial.TrialState.FAIL,
-                user_attrs={"tune_trial_id": trial.trial_id},
+                intermediate_values=dict(trial.curve(exp.metric)),
+                state=kind,
+                user_attrs={"tune_trial_id": trial.trial_id, "status": trial.status_text},
             )
         )
     return study
@@ -692,7 +681,8 @@ def run_baseline(
     """
     import ray
 
-    from dtlray.trial import build_trainer, init_ray, run_trainer
+    from dtlray.ray_session import init_ray
+    from dtlray.trial import build_trainer, run_trainer
 
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     started = not ray.is_initialized()
@@ -723,15 +713,8 @@ def run_baseline(
         "run_path": result.path,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    _write_json_atomic(experiment / BASELINE_DIR / BASELINE_FILE, record)
+    write_json(str(experiment / BASELINE_DIR / BASELINE_FILE), record)
     return record
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -766,14 +749,17 @@ def plot_history(study: optuna.Study, metric: str, path: Path) -> None:
             handles, labels = ax.get_legend_handles_labels()
             names = {metric: "trial's last value", "Best Value": "best so far"}
             ax.legend(handles, [names.get(label, label) for label in labels], loc="best")
-            best = study.best_trial
-            ax.annotate(
-                f"best: {best.user_attrs.get('tune_trial_id', best.number)} ({best.value:.4f})",
-                (best.number, best.value),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=9,
-            )
+            complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if complete:  # pruned trials have no final value to be the best
+                pick = max if direction == "max" else min
+                best = pick(complete, key=lambda t: t.value)
+                ax.annotate(
+                    f"best: {best.user_attrs.get('tune_trial_id', best.number)} ({best.value:.4f})",
+                    (best.number, best.value),
+                    textcoords="offset points",
+                    xytext=(6, 6),
+                    fontsize=9,
+                )
             fig.tight_layout()
             fig.savefig(path, dpi=120)
         finally:

@@ -9,42 +9,90 @@ stages in one trainer whose per-epoch reports reach Tune through ``TuneReportCal
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import socket
-import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
-import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from dtlray.config import TrialConfig
+from dtlray.data import BUILTIN_DATASETS
 from dtlray.errors import DtlrayError
+from dtlray.experiment import ExperimentDir, default_name
+from dtlray.metrics import DIVERGED_METRIC
+from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
-    BEST_FILE,
-    RUNNING_FILE,
-    SPACE_FILE,
     SearchSpace,
+    check_searchable,
     load_space,
     parse_space,
     to_optuna_distributions,
 )
 from dtlray.stage1_claims import stage1_claim, start_claims
-from dtlray.trial import build_trainer, resolve_storage_path, run_trainer, stage1_location
+from dtlray.trial import build_trainer, ensure_dataset, run_trainer, stage1_location
 
 log = logging.getLogger(__name__)
 
 # The Tune trial itself only waits on its trainer; its workers hold the real resources.
 TRIAL_DRIVER_CPU = 0.01
+
+
+class TrialStateOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch`` that records each trial's true state in the Optuna study.
+
+    Ray's searcher tells Optuna ``COMPLETE`` for every trial that reported the objective, so a
+    trial ASHA stopped after 3 of 8 epochs looks finished with its 3-epoch value; TPE then takes
+    that value as final. Here a trial that ran all its planned finetune epochs is ``COMPLETE``; one
+    stopped before (ASHA) or that diverged is ``PRUNED`` with its per-epoch values as intermediate
+    values — TPE ranks pruned trials below every completed one (by epochs reached, then value);
+    one that failed is ``FAIL``.
+
+    Args:
+        fixed_epochs: the finetune epochs of a trial that does not search ``stage2.epochs``.
+        kwargs: everything ``OptunaSearch`` takes.
+    """
+
+    def __init__(self, *, fixed_epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fixed_epochs = fixed_epochs
+        self._reported_steps: dict[str, set[int]] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:  # noqa: D102
+        super().on_trial_result(trial_id, result)
+        self._reported_steps.setdefault(trial_id, set()).add(int(result[TRAINING_ITERATION]))
+
+    def on_trial_complete(  # noqa: D102
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if error or not result or ot_trial is None or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        planned = int(ot_trial.params.get("stage2.epochs", self._fixed_epochs))
+        diverged = bool(result.get(DIVERGED_METRIC))
+        if not diverged and int(result.get("epoch", 0)) >= planned:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        # Tune does not pass the result that made ASHA stop the trial to on_trial_result:
+        # record it as the last intermediate value before pruning.
+        step = result.get(TRAINING_ITERATION)
+        value = result.get(self.metric)
+        if step is not None and value is not None:
+            if int(step) not in self._reported_steps.get(trial_id, set()):
+                ot_trial.report(float(value), int(step))
+        if diverged:
+            ot_trial.set_user_attr("dtlray_status", "diverged")
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+        self._reported_steps.pop(trial_id, None)
 
 
 def build_searcher(
@@ -60,7 +108,8 @@ def build_searcher(
     storage = None
     if study_storage is not None:
         storage = _optuna_storage(study_storage)
-    return OptunaSearch(
+    return TrialStateOptunaSearch(
+        fixed_epochs=space.trial.stage2.epochs,
         space=to_optuna_distributions(space),
         metric=space.objective.metric,
         mode=space.objective.mode,
@@ -84,7 +133,7 @@ def _optuna_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def build_scheduler(space: SearchSpace) -> TrialScheduler:
+def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
     """ASHA over finetune epochs (a first rung that lets slow starters live), or FIFO."""
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
@@ -135,7 +184,7 @@ def run_trial_fn(
     space = parse_space(space_dict, source="<space>")
     cfg = space.trial_config(sampled)
     trial_id = tune.get_context().get_trial_id()
-    experiment_path = f"{storage_path.rstrip('/')}/{experiment}"
+    experiment_path = ExperimentDir.at(storage_path, experiment).path
     # Without reuse (for measuring what reuse saves) each trial keeps its stage 1 to itself.
     stage1_root = storage_path if reuse_stage1 else f"{experiment_path}/no-reuse/{trial_id}"
     location = stage1_location(cfg, stage1_root)
@@ -158,6 +207,43 @@ def run_trial_fn(
         run_trainer(trainer)
 
 
+def resolve_space(
+    space: SearchSpace,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    num_samples: int | None = None,
+    max_concurrent_trials: int | None = None,
+) -> SearchSpace:
+    """The space as a search starts it: ``space`` with fixed values and budgets overridden.
+
+    Raises:
+        DtlrayError: an override names no config key or gives a bad value.
+    """
+    updates: dict[str, Any] = {}
+    if overrides:
+        updates["trial"] = TrialConfig.from_flat(overrides, base=space.trial).to_dict()
+    if num_samples is not None:
+        updates["num_samples"] = num_samples
+    if max_concurrent_trials is not None:
+        updates["max_concurrent_trials"] = max_concurrent_trials
+    if not updates:
+        return space
+    return parse_space({**space.model_dump(mode="json"), **updates}, "<space>")
+
+
+def check_datasets(space: SearchSpace) -> None:
+    """Make sure every dataset the space can use is prepared, before any trial starts.
+
+    Built-in datasets are prepared here on first use (once, not by racing trials).
+
+    Raises:
+        DtlrayError: a user dataset that was never prepared (the message says how).
+    """
+    # User datasets first: a missing one fails before minutes go into preparing built-ins.
+    for name in sorted(space.dataset_names(), key=lambda n: (n in BUILTIN_DATASETS, n)):
+        ensure_dataset(name, space.trial.data.root)
+
+
 def build_tuner(
     space: SearchSpace | str | os.PathLike[str],
     *,
@@ -168,8 +254,12 @@ def build_tuner(
     study_storage: str | None = "auto",
     overrides: Mapping[str, Any] | None = None,
     reuse_stage1: bool = True,
+    verbose: bool = False,
 ) -> tune.Tuner:
     """Build the ``Tuner`` for a search space. Ray must be initialised (it sizes concurrency).
+
+    The space as started (with every override) is stored as the experiment's ``space.json``;
+    resume, the summary and the report read it back from there.
 
     Args:
         space: a loaded :class:`SearchSpace` or the path of a space file.
@@ -182,40 +272,44 @@ def build_tuner(
             ``dtlray dashboard`` can show it live; None: in memory only.
         overrides: flat config values (``{"stage2.epochs": 2}``) applied to the fixed trial.
         reuse_stage1: share stage-1 results across trials (off only to measure what it saves).
+        verbose: Tune's own progress tables instead of dtlray's compact progress lines.
 
     Returns:
         A ``ray.tune.Tuner``; ``fit()`` returns a normal ``ResultGrid``.
+
+    Raises:
+        DtlrayError: nothing is searched, a dataset is not prepared, a bad override, or the
+            experiment exists already.
     """
     if not isinstance(space, SearchSpace):
         space = load_space(space)
-    updates: dict[str, Any] = {}
-    if overrides:
-        updates["trial"] = TrialConfig.from_flat(overrides, base=space.trial)
-    if num_samples is not None:
-        updates["num_samples"] = num_samples
-    if max_concurrent_trials is not None:
-        updates["max_concurrent_trials"] = max_concurrent_trials
-    if updates:
-        space = parse_space({**space.model_dump(mode="json"), **_dumped(updates)}, "<space>")
-    storage_path = resolve_storage_path(storage_path)
-    name = name or f"{space.name or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = f"{storage_path.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
+    space = resolve_space(
+        space,
+        overrides=overrides,
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent_trials,
+    )
+    check_searchable(space)
+    check_datasets(space)
+    experiment = ExperimentDir.at(storage_path, name or default_name(space.name))
+    if tune.Tuner.can_restore(experiment.path):
         raise DtlrayError(
-            f"experiment {path!r} already exists; continue it with --resume (restore_tuner), "
-            "or choose another --name"
+            f"experiment {experiment.path!r} already exists; continue it with --resume "
+            "(restore_tuner), or choose another --name"
         )
-    start_claims(storage_path)
+    start_claims(experiment.storage_path)
     if study_storage == "auto":
-        study_storage = _default_study_storage(path)
-    _write_json(f"{path}/{SPACE_FILE}", space.model_dump(mode="json"))
+        study_storage = _default_study_storage(experiment)
+    experiment.write_space(space)
     return tune.Tuner(
-        _trainable(space, storage_path, name, reuse_stage1),
+        _trainable(space, experiment, reuse_stage1),
         tune_config=tune.TuneConfig(
             metric=space.objective.metric,
             mode=space.objective.mode,
-            search_alg=build_searcher(space, study_name=name, study_storage=study_storage),
-            scheduler=build_scheduler(space),
+            search_alg=build_searcher(
+                space, study_name=experiment.name, study_storage=study_storage
+            ),
+            scheduler=build_trial_scheduler(space),
             num_samples=space.num_samples,
             # Without this Tune runs a non-default searcher one trial at a time.
             max_concurrent_trials=derive_max_concurrent_trials(space),
@@ -224,75 +318,130 @@ def build_tuner(
             # a trial's tens of seconds, and killing the old one is what ends its Train run.
             reuse_actors=False,
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=tune.FailureConfig(max_failures=1),
-            verbose=1,
-        ),
+        run_config=_run_config(space, experiment, verbose),
     )
 
 
-def _default_study_storage(experiment_path: str) -> str | None:
-    if "://" in experiment_path:
-        log.info("study kept in memory: %s is not local (use --study-storage URL)", experiment_path)
+def _run_config(space: SearchSpace, experiment: ExperimentDir, verbose: bool) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=experiment.name,
+        storage_path=experiment.storage_path,
+        failure_config=tune.FailureConfig(max_failures=1),
+        # dtlray's own lines (trial start/finish, a progress line) unless asked for Tune's.
+        verbose=1 if verbose else 0,
+        callbacks=[] if verbose else [SearchProgress(space)],
+    )
+
+
+def _default_study_storage(experiment: ExperimentDir) -> str | None:
+    if not experiment.is_local:
+        log.info("study kept in memory: %s is not local (use --study-storage URL)", experiment.path)
         return None
-    from dtlray.dashboard import study_url
-
-    os.makedirs(experiment_path, exist_ok=True)
-    return study_url(experiment_path)
+    os.makedirs(experiment.path, exist_ok=True)
+    return experiment.study_url
 
 
-@contextlib.contextmanager
-def running_marker(experiment_path: str) -> Iterator[None]:
-    """``<experiment>/.dtlray-running`` (pid, host) while a search runs, so ``dtlray report``
-    can refuse a half-finished experiment. Local storage only."""
-    if "://" in experiment_path:
-        yield
-        return
-    marker = Path(experiment_path) / RUNNING_FILE
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    try:
-        yield
-    finally:
-        marker.unlink(missing_ok=True)
-
-
-def _trainable(space: SearchSpace, storage_path: str, name: str, reuse_stage1: bool = True) -> Any:
+def _trainable(space: SearchSpace, experiment: ExperimentDir, reuse_stage1: bool = True) -> Any:
     return tune.with_resources(
         tune.with_parameters(
             run_trial_fn,
             space_dict=space.model_dump(mode="json"),
-            storage_path=storage_path,
-            experiment=name,
+            storage_path=experiment.storage_path,
+            experiment=experiment.name,
             reuse_stage1=reuse_stage1,
         ),
         {"CPU": TRIAL_DRIVER_CPU},
     )
 
 
-def _dumped(updates: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.to_dict() if isinstance(v, TrialConfig) else v) for k, v in updates.items()}
+def started_space(
+    experiment: ExperimentDir,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    num_samples: int | None = None,
+    max_concurrent_trials: int | None = None,
+) -> SearchSpace:
+    """The space an interrupted search was started with, checked against what a resume asks.
 
-
-def restore_tuner(space: SearchSpace, storage_path: str | None, name: str) -> tune.Tuner:
-    """Continue an interrupted search: completed trials stay, unfinished ones resume.
+    ``overrides``, ``num_samples`` and ``max_concurrent_trials`` may repeat the values the search
+    was started with (the same command plus ``--resume``) but not change them. Needs no Ray.
 
     Raises:
-        DtlrayError: nothing restorable under ``storage_path/name``.
+        DtlrayError: nothing restorable there, or an option that changes the started search.
     """
-    storage_path = resolve_storage_path(storage_path)
-    path = f"{storage_path.rstrip('/')}/{name}"
-    if not tune.Tuner.can_restore(path):
+    if not experiment.has_space() and not experiment.is_local:
+        raise DtlrayError(f"no restorable dtlray experiment at {experiment.path!r}")
+    if experiment.is_local and not os.path.isdir(experiment.path):
         raise DtlrayError(
-            f"no restorable experiment at {path!r}; pass the --storage-path and --name of the "
-            "interrupted run (its directory holds tuner.pkl)"
+            f"no restorable experiment at {experiment.path!r}; pass the --storage-path and "
+            "--name of the interrupted run"
         )
-    start_claims(storage_path)
-    return tune.Tuner.restore(
-        path, trainable=_trainable(space, storage_path, name), resume_errored=True
+    space = experiment.read_space()
+    asked = resolve_space(
+        space,
+        overrides=overrides,
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent_trials,
     )
+    if asked != space:
+        raise DtlrayError(
+            f"--resume continues {experiment.path} as it was started (its space.json); these "
+            f"options change it: {', '.join(_changed_keys(space, asked))}. Drop them to "
+            "resume, or start a new search under another --name"
+        )
+    return space
+
+
+def restore_tuner(
+    storage_path: str | None,
+    name: str,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    num_samples: int | None = None,
+    max_concurrent_trials: int | None = None,
+) -> tune.Tuner:
+    """Continue an interrupted search as it was started: completed trials stay, unfinished ones
+    resume, and every trial runs the space stored in the experiment (with its overrides).
+
+    Options may repeat the started values but not change them (see :func:`started_space`).
+
+    Raises:
+        DtlrayError: nothing restorable under ``storage_path/name``, or an option that
+            differs from the started search.
+    """
+    experiment = ExperimentDir.at(storage_path, name)
+    space = started_space(
+        experiment,
+        overrides=overrides,
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent_trials,
+    )
+    if not tune.Tuner.can_restore(experiment.path):
+        raise DtlrayError(
+            f"no restorable experiment at {experiment.path!r}; pass the --storage-path and "
+            "--name of the interrupted run (its directory holds tuner.pkl)"
+        )
+    check_datasets(space)
+    start_claims(experiment.storage_path)
+    # The run config (console output included) is restored as the search was started.
+    return tune.Tuner.restore(
+        experiment.path, trainable=_trainable(space, experiment), resume_errored=True
+    )
+
+
+def _changed_keys(before: SearchSpace, after: SearchSpace) -> list[str]:
+    old, new = _flat(before.model_dump(mode="json")), _flat(after.model_dump(mode="json"))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _flat(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping) and key != "search":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def unfinished_trials(results: tune.ResultGrid, num_samples: int) -> int:
@@ -313,14 +462,29 @@ def stage1_reuse(results: tune.ResultGrid) -> dict[str, float]:
     }
 
 
-def summarize_best(results: tune.ResultGrid, space: SearchSpace, experiment_path: str) -> dict:
-    """Pick the best trial on the objective, test it once, write ``best.json``; return it."""
+def summarize_best(
+    results: tune.ResultGrid, space: SearchSpace, experiment: ExperimentDir | str
+) -> dict:
+    """Pick the best trial on the objective, test it once, write ``best.json``; return it.
+
+    Args:
+        results: the finished search.
+        space: the space as the search was started (``ExperimentDir.read_space()``).
+        experiment: the experiment (or its path) to write ``best.json`` into.
+
+    Raises:
+        DtlrayError: no trial reported the objective (every trial failed or diverged).
+    """
+    if not isinstance(experiment, ExperimentDir):
+        experiment = ExperimentDir(experiment)
     metric, mode = space.objective.metric, space.objective.mode
+    diverged = [r for r in results if r.metrics and r.metrics.get(DIVERGED_METRIC)]
     try:
         best = results.get_best_result(metric=metric, mode=mode, scope="last")
     except RuntimeError as err:
+        why = f"{len(diverged)} diverged; " if diverged else ""
         raise DtlrayError(
-            f"no trial reported {metric!r} ({err}); see the trial errors above"
+            f"no trial reported {metric!r} ({why}{err}); see the trial errors above"
         ) from None
     sampled = {k: v for k, v in best.config.items() if k in space.search}
     cfg = space.trial_config(sampled)
@@ -334,6 +498,7 @@ def summarize_best(results: tune.ResultGrid, space: SearchSpace, experiment_path
         "checkpoint_path": best.metrics.get("checkpoint_path"),
         "trials": len(results),
         "errors": sum(1 for r in results if r.error is not None),
+        "diverged": len(diverged),
         "stage1": stage1_reuse(results),
     }
     checkpoint_path = summary["checkpoint_path"]
@@ -342,17 +507,5 @@ def summarize_best(results: tune.ResultGrid, space: SearchSpace, experiment_path
 
         test = ray.get(ray.remote(num_cpus=1)(evaluate_checkpoint).remote(checkpoint_path))
         summary["test"] = test
-    _write_json(f"{experiment_path.rstrip('/')}/{BEST_FILE}", summary)
+    experiment.write_best(summary)
     return summary
-
-
-def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-    if "://" in path:
-        fs, root = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(root) as f:
-            f.write(json.dumps(payload, indent=2, default=str).encode())
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

@@ -38,11 +38,6 @@ from dtlray.errors import DtlrayError
 if TYPE_CHECKING:
     import optuna
 
-# Files a search writes into its experiment directory.
-BEST_FILE = "best.json"  # the chosen trial, its val and test accuracy
-SPACE_FILE = "space.json"  # the resolved space, so reports know what was searched
-RUNNING_FILE = ".dtlray-running"  # pid and host while a search runs
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -226,6 +221,19 @@ class SearchSpace(_Strict):
                 values[key] = param.center()
         return values
 
+    def dataset_names(self) -> set[str]:
+        """Every dataset a trial of this space can read: the fixed ones and searched choices."""
+        data = self.trial.data
+        names = set(data.targets)
+        if self.trial.stage2.init != "scratch" or "stage2.init" in self.search:
+            names.add(data.source)
+        for key in ("data.source", "data.targets"):
+            param = self.search.get(key)
+            if isinstance(param, CategoricalParam):
+                for choice in param.choices:
+                    names.update([choice] if isinstance(choice, str) else choice)
+        return names
+
     def trial_config(self, sampled: Mapping[str, Any] | None = None) -> TrialConfig:
         """The trial for ``sampled`` values (defaults for any searched key not given)."""
         values = {**self.default_values(), **(sampled or {})}
@@ -245,7 +253,12 @@ def load_space(path: str | Path) -> SearchSpace:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise DtlrayError(f"{path}: not valid YAML: {err}") from None
-    return parse_space(raw or {}, source=str(path))
+    if raw is None:
+        raise DtlrayError(
+            f"{path}: the file is empty; a search space needs at least a `trial:` section (fixed "
+            "values) and a `search:` section (what to search) — see search_spaces/tiny.yaml"
+        )
+    return parse_space(raw, source=str(path))
 
 
 def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SearchSpace:
@@ -265,6 +278,23 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SearchSpace:
         return SearchSpace.model_validate(raw)
     except ValidationError as err:
         raise DtlrayError(f"{source}: {format_validation_error(err)}") from None
+
+
+def check_searchable(space: SearchSpace, source: str = "the space") -> None:
+    """Refuse a space that searches nothing: every trial would run the same configuration.
+
+    ``dtlray check`` and ``dtlray tune`` apply it; ``dtlray train`` runs fixed values and does not.
+
+    Raises:
+        DtlrayError: no ``search:`` entries (says how to add one, or to use ``dtlray train``).
+    """
+    if not space.search:
+        raise DtlrayError(
+            f"{source}: nothing is searched (no `search:` section, or an empty one), so every "
+            "trial would train the same configuration; add parameters under `search:`, e.g. "
+            "`stage2.lr: {type: float, low: 0.001, high: 0.1, log: true}` (see "
+            "search_spaces/tiny.yaml), or run one fixed trial with `dtlray train`"
+        )
 
 
 def _is_bare_choices(spec: Any) -> bool:

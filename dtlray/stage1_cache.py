@@ -19,9 +19,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from dtlray.experiment import filesystem, stage1_cache_root
+
 TRUNK_FILE = "trunk.pt"
 RECORD_FILE = "record.json"
-CACHE_DIR = "_stage1"
 
 
 @dataclass(frozen=True)
@@ -35,24 +36,18 @@ class Stage1Record:
 
 def stage1_dir(storage_path: str, key: str) -> str:
     """Where the stage-1 result with ``key`` lives under ``storage_path``."""
-    return f"{storage_path.rstrip('/')}/{CACHE_DIR}/{key}"
-
-
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return f"{stage1_cache_root(storage_path)}/{key}"
 
 
 def has_stage1(path: str) -> bool:
     """Whether a complete stage-1 result is stored at ``path``."""
-    fs, root = _fs(path)
+    fs, root = filesystem(path)
     return fs.get_file_info(f"{root}/{RECORD_FILE}").type == pafs.FileType.File
 
 
 def save_stage1(path: str, trunk_state: dict[str, torch.Tensor], record: Stage1Record) -> None:
     """Store a stage-1 result; the record goes last so a partial write is never read."""
-    fs, root = _fs(path)
+    fs, root = filesystem(path)
     buffer = io.BytesIO()
     torch.save(trunk_state, buffer)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -80,7 +75,7 @@ def save_stage1(path: str, trunk_state: dict[str, torch.Tensor], record: Stage1R
 
 def load_stage1(path: str) -> tuple[dict[str, torch.Tensor], Stage1Record]:
     """Load a stored stage-1 trunk (``weights_only=True``) and its record."""
-    fs, root = _fs(path)
+    fs, root = filesystem(path)
     with fs.open_input_stream(f"{root}/{RECORD_FILE}") as f:
         record = Stage1Record(**json.loads(f.read()))
     with fs.open_input_stream(f"{root}/{TRUNK_FILE}") as f:

@@ -35,6 +35,7 @@ from torch import nn
 
 from dtlray.config import StageConfig, TrialConfig
 from dtlray.data import decode_uint8, to_model_input
+from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE
 from dtlray.models import TransferModel, load_trunk
 from dtlray.stage1_cache import Stage1Record, has_stage1, load_stage1, save_stage1
 from dtlray.stages import (
@@ -48,6 +49,7 @@ from dtlray.stages import (
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_META = "meta.json"
+DIVERGED_FILE = "diverged.json"  # the checkpoint of a diverged trial holds only this
 _DECODE_BATCH_ROWS = 4096
 _EVAL_BATCH_ROWS = 512
 
@@ -114,6 +116,30 @@ class Stage1Outcome:
         }
 
 
+class Diverged(Exception):
+    """The loss became non-finite: the trial cannot recover, so it ends (and is not retried).
+
+    Raised identically on every rank (the checks run on all-reduced values), so DDP ranks stay
+    in step.
+
+    Args:
+        stage: ``pretrain`` or ``finetune``.
+        epoch: the 1-based epoch it happened in.
+        where: what went non-finite, e.g. ``step 3: the training loss``.
+        loss: the loss value (``nan`` or ``inf``).
+        lr: the stage's learning rate (the fix names it).
+    """
+
+    def __init__(self, stage: str, epoch: int, where: str, loss: float, lr: float) -> None:
+        self.stage, self.epoch = stage, epoch
+        knob = "stage1.lr" if stage == "pretrain" else "stage2.lr"
+        self.reason = (
+            f"diverged in {stage} epoch {epoch}, {where} is {loss} (not finite); lower the "
+            f"learning rate ({knob}={lr:g}, e.g. to {lr / 10:g})"
+        )
+        super().__init__(self.reason)
+
+
 @dataclass
 class WorkerEnv:
     """Where this worker runs."""
@@ -156,19 +182,21 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, finetune.heads).to(env.device)
 
-    resume = _load_resume(ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()
+    diverged = _diverged_report(checkpoint)
+    if diverged is not None:
+        # A worker group restarted after the trial diverged: say so again, train nothing.
+        ray.train.report(diverged)
+        return
+    resume = _load_resume(checkpoint)
+    stage1: Stage1Outcome | None = None
     if resume is not None:
         model.load_state_dict(resume.model_state)
         stage1 = Stage1Outcome(**resume.meta["stage1"])
         env.log(f"[dtlray] resuming finetune at epoch {resume.meta['epoch'] + 1}")
-    else:
-        stage1 = _run_or_load_stage1(cfg, plan, model, env)
-        # Fresh target heads, seeded so every rank starts from the same ones.
-        torch.manual_seed(cfg.seed + 1)
-        model.reset_heads(finetune.heads)
-        model.to(env.device)
 
     def report(epoch: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        assert stage1 is not None
         metrics = {**metrics, **stage1.metrics()}
         meta = {"epoch": epoch, "stage1": asdict(stage1), "metrics": metrics}
         with tempfile.TemporaryDirectory() as tmp:
@@ -181,15 +209,66 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
             # Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint.
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    run_stage(
-        finetune,
-        model,
-        env,
-        stream_keys=plan.stream_keys,
-        resume=resume,
-        on_epoch_end=report,
-        run_test=plan.run_test,
-    )
+    try:
+        if resume is None:
+            stage1 = _run_or_load_stage1(cfg, plan, model, env)
+            # Fresh target heads, seeded so every rank starts from the same ones.
+            torch.manual_seed(cfg.seed + 1)
+            model.reset_heads(finetune.heads)
+            model.to(env.device)
+        run_stage(
+            finetune,
+            model,
+            env,
+            stream_keys=plan.stream_keys,
+            resume=resume,
+            on_epoch_end=report,
+            run_test=plan.run_test,
+        )
+    except Diverged as err:
+        # One last report, then the trial ends. The finetune metrics are there as NaN so a
+        # scheduler and a searcher that expect them read "no value", never a low score. Its
+        # checkpoint holds no weights, only the verdict: Train's result shows the latest
+        # checkpoint's metrics, and a restart must not train a diverged trial again.
+        env.log(f"[dtlray] {err.reason}")
+        metrics: dict[str, Any] = {
+            **_stage_metrics(
+                finetune, _NAN_TRAIN, {t.name: _NAN_EVAL for t in finetune.tasks}, "val"
+            ),
+            "epoch": err.epoch if err.stage == "finetune" else 0,
+            DIVERGED_METRIC: True,
+            DIVERGED_REASON: err.reason,
+            DIVERGED_STAGE: err.stage,
+        }
+        if stage1 is not None:
+            metrics.update(stage1.metrics())
+        with tempfile.TemporaryDirectory() as tmp:
+            verdict = None
+            if env.rank == 0:
+                with open(os.path.join(tmp, DIVERGED_FILE), "w") as f:
+                    json.dump(metrics, f, indent=1)
+                verdict = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=verdict)
+
+
+def _diverged_report(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
+    """The metrics of a trial that diverged, when ``checkpoint`` is its verdict."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        verdict = os.path.join(path, DIVERGED_FILE)
+        if not os.path.isfile(verdict):
+            return None
+        with open(verdict) as f:
+            return json.load(f)
+
+
+_NAN_EVAL = (math.nan, math.nan)
+_NAN_TRAIN = {
+    "train/loss": math.nan,
+    "train/samples_per_s": math.nan,
+    "train/epoch_seconds": math.nan,
+}
 
 
 def _run_or_load_stage1(
@@ -291,6 +370,10 @@ def run_stage(
         train_stats = train_one_epoch(wrapped, model, spec, train_data, optimizer, epoch, env)
         scheduler.step()
         val = evaluate(model, spec.tasks, val_data, env)
+        for task, (_, loss) in val.items():
+            if not math.isfinite(loss):  # the weights blew up although each step's loss did not
+                where = f"after training: the {task} validation loss"
+                raise Diverged(spec.name, epoch + 1, where, loss, spec.optim.lr)
         metrics = _stage_metrics(spec, train_stats, val, "val")
         metrics["epoch"] = epoch + 1
         last = epoch == spec.optim.epochs - 1
@@ -428,7 +511,8 @@ def _model_input(images: torch.Tensor, env: WorkerEnv, augment: bool) -> torch.T
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample random translation (±4 px of 32) and horizontal flip, vectorised."""
+    """Per-sample random translation by up to ±1/8 of the image side (±4 px at 32 px; bilinear,
+    reflection padding) and a horizontal flip with p=0.5, vectorised."""
     b = x.shape[0]  # x: (B, C, H, W)
     theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     flip = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
@@ -517,7 +601,10 @@ def train_one_epoch(
     start = time.perf_counter()
     seen = 0
     loss_sum = torch.zeros((), device=env.device)
-    for step_batches in _step_batches(spec, data, epoch, env):
+    # The first step whose loss is not finite, tracked on the device (no host sync per step).
+    no_step = torch.iinfo(torch.int64).max
+    first_bad = torch.full((), no_step, dtype=torch.int64, device=env.device)
+    for step, step_batches in enumerate(_step_batches(spec, data, epoch, env)):
         # Tasks are stored at their own sizes; each is resized to the model input, then joined.
         x = torch.cat([_model_input(b[1], env, spec.optim.augment) for b in step_batches])
         logits = wrapped(x)
@@ -529,6 +616,8 @@ def train_one_epoch(
             losses.append(F.cross_entropy(logits[task][offset : offset + n], target))
             offset += n
         loss = torch.stack(losses).mean()  # every task weighs the same
+        bad = ~torch.isfinite(loss.detach()) & (first_bad == no_step)
+        first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -544,7 +633,12 @@ def train_one_epoch(
         slowest = totals[2:].clone()
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         totals = torch.cat([seen_loss, slowest])
+    if env.world_size > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     samples, loss_total, seconds = totals.tolist()
+    if int(first_bad) != no_step:
+        where = f"step {int(first_bad) + 1}: the training loss"
+        raise Diverged(spec.name, epoch + 1, where, loss_total / max(samples, 1), spec.optim.lr)
     return {
         "train/loss": loss_total / max(samples, 1.0),
         "train/samples_per_s": samples / max(seconds, 1e-9),

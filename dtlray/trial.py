@@ -9,9 +9,7 @@ computed or loaded from the stage-1 cache, and whether to use GPUs.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +19,6 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dtlray.config import TrialConfig
-from dtlray.dashboard import free_port
 from dtlray.data import (
     BUILTIN_DATASETS,
     DatasetInfo,
@@ -31,22 +28,14 @@ from dtlray.data import (
     read_split_table,
 )
 from dtlray.errors import DtlrayError
+from dtlray.ray_session import quiet_ray_data
 from dtlray.stage1_cache import has_stage1, stage1_dir
 from dtlray.stages import DatasetMeta, dataset_key, finetune_stage, pretrain_stage
 from dtlray.train_loop import WorkerPlan, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE_PATH = "~/dtlray_results"
 SMALL_SPLIT_BYTES = 256 * 2**20
-
-
-def resolve_storage_path(path: str | None) -> str:
-    """An absolute local path or a URI (Ray Train rejects relative storage paths)."""
-    path = path or os.environ.get("DTLRAY_STORAGE_PATH") or DEFAULT_STORAGE_PATH
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
 
 
 def ensure_dataset(name: str, root: str | None) -> DatasetInfo:
@@ -198,11 +187,12 @@ def build_trainer(
     for name, info in infos.items():
         total_mb = info.splits["train"] * _row_bytes(info) / 2**20
         key = dataset_key("finetune", name, "train")
-        if key in datasets and total_mb > cfg.data.in_memory_max_mb and len(infos) > 1:
+        # `key in datasets` leaves the source out: only target train splits are checked here.
+        if key in datasets and total_mb > cfg.data.in_memory_max_mb:
             raise DtlrayError(
                 f"target {name!r} ({total_mb:.0f} MB) exceeds data.in_memory_max_mb="
-                f"{cfg.data.in_memory_max_mb}; multi-task finetuning keeps targets in memory: "
-                "raise data.in_memory_max_mb or set a label budget (stage2.samples_per_class)"
+                f"{cfg.data.in_memory_max_mb}; finetuning keeps every target's train split in "
+                "memory: raise data.in_memory_max_mb"
             )
 
     plan = WorkerPlan(
@@ -279,56 +269,6 @@ class SplitTrainOnlyDataConfig(ray.train.DataConfig):
             for i, split in enumerate(splits):
                 output[i][name] = split
         return output
-
-
-def quiet_ray_data() -> None:
-    """No per-dataset progress bars: from every worker they drown the per-epoch lines.
-
-    Datasets carry the context they were created under to the workers that read them, so this
-    runs in whichever process builds the datasets (the CLI driver or a Tune trial).
-    """
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
-def init_ray(address: str | None, **local_options: Any) -> str | None:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start an embedded local Ray.
-
-    The embedded Ray is always a new instance with its dashboard on a free 127.0.0.1 port, and
-    its processes are told that address (``RAY_API_SERVER_ADDRESS``). Train's placement-group
-    cleaner asks that API when Tune stops a trial; with two Ray instances on one host it cannot
-    tell which is its own, leaks the stopped trial's placement group, and the search hangs.
-
-    Args:
-        address: a cluster address (``auto``, ``HOST:PORT``, ``ray://...``) or None.
-        local_options: extra ``ray.init`` arguments for the embedded Ray (e.g. ``num_cpus``).
-
-    Returns:
-        The Ray dashboard's URL when this call started Ray with a dashboard, else None.
-    """
-    quiet_ray_data()
-    if ray.is_initialized():
-        return None
-    # Ray's own convention: RAY_ADDRESS names the cluster to join when no address is given.
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None:
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
-        return None
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    # Set before ray.init: the raylet and every worker inherit this process's environment.
-    os.environ["RAY_API_SERVER_ADDRESS"] = url
-    ray.init(
-        address="local",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        log_to_driver=True,  # rank 0's one line per epoch is the progress
-        logging_level=logging.WARNING,
-        **local_options,
-    )
-    return url
 
 
 def run_trainer(trainer: TorchTrainer) -> ray.train.Result:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from dtlray.trial import init_ray
+from dtlray.ray_session import init_ray
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import yaml
 from PIL import Image
 
 import dtlray
-from dtlray.report import BASELINE_DIR, BASELINE_FILE, PLOTS, SPACE_FILE, main_args
+from dtlray.experiment import BASELINE_DIR, SPACE_FILE
+from dtlray.report import BASELINE_FILE, PLOTS, main_args
 from dtlray.search import summarize_best
 from dtlray.search_space import parse_space
 

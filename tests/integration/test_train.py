@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from dtlray.cli import main
 from dtlray.data import load_info
+from dtlray.experiment import STAGE1_CACHE_DIR as CACHE_DIR
 from dtlray.models import build_transfer_model
-from dtlray.stage1_cache import CACHE_DIR
 from dtlray.stages import DatasetMeta, TaskSpec
 from dtlray.train_loop import WorkerEnv, evaluate, read_shard
 from dtlray.trial import SplitTrainOnlyDataConfig, _split_dataset

@@ -21,10 +21,9 @@ from PIL import Image
 from dtlray import report
 from dtlray.config import TrialConfig
 from dtlray.errors import DtlrayError
+from dtlray.experiment import BASELINE_DIR, RUNNING_FILE
 from dtlray.report import (
-    BASELINE_DIR,
     BASELINE_FILE,
-    RUNNING_FILE,
     GainRow,
     build_report,
     build_study,
@@ -38,8 +37,7 @@ from dtlray.report import (
     stage1_summary,
     transfer_gain,
 )
-from dtlray.search import to_optuna_distributions
-from dtlray.search_space import SearchSpace, parse_space
+from dtlray.search_space import SearchSpace, parse_space, to_optuna_distributions
 
 TARGETS = ("digits", "faces")
 DATE = "2026-11-27_21-53-44"
@@ -385,14 +383,18 @@ def test_learning_curves_draw_the_top_k(experiment: Path) -> None:
 # -- the Optuna study and importances -----------------------------------------------------------
 
 
-def test_study_uses_the_saved_space_and_the_last_values(experiment: Path) -> None:
+def test_study_uses_the_saved_space_and_the_true_trial_states(experiment: Path) -> None:
     exp = load_experiment(experiment)
     assert exp.distributions == to_optuna_distributions(tiny_space())
     study = build_study(exp)
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
-    assert states.count(optuna.trial.TrialState.FAIL) == 1
-    assert [t.value for t in study.trials[:4]] == [0.64, 0.66, 0.63, 0.47]
+    state = optuna.trial.TrialState
+    # Finished trials are COMPLETE with their last value; the one ASHA stopped after 1 of its
+    # 2 epochs is PRUNED (its value is an intermediate one); the failed one FAIL.
+    assert [t.state for t in study.trials] == [state.COMPLETE] * 3 + [state.PRUNED, state.FAIL]
+    assert [t.value for t in study.trials[:3]] == [0.64, 0.66, 0.63]
+    assert study.trials[0].intermediate_values == {1: 0.54, 2: 0.64}
+    assert study.trials[3].intermediate_values == {1: 0.47}
+    assert study.trials[3].user_attrs["status"] == "stopped early"
     assert study.best_trial.user_attrs["tune_trial_id"] == "35969fb1"
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
 
