@@ -65,6 +65,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overrides(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose",
@@ -95,14 +101,7 @@ def _add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="keep the Optuna study there (e.g. sqlite:///study.db) for optuna-dashboard",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a fixed trial value, e.g. --set stage2.epochs=2 (repeatable)",
-    )
+    _add_overrides(p, "override a fixed trial value, e.g. --set stage2.epochs=2 (repeatable)")
     _add_verbose(p)
     p.set_defaults(handler=_cmd_tune)
 
@@ -190,8 +189,9 @@ def _print_summary(summary: dict, experiment_path: str) -> None:
         print(f"  {key:<28} {value:.4f}")
     reuse = summary["stage1"]
     diverged = f", {summary['diverged']} diverged" if summary.get("diverged") else ""
+    scratch = f", {reuse['scratch']} from scratch" if reuse.get("scratch") else ""
     print(
-        f"stage 1: {reuse['misses']} computed, {reuse['hits']} reused "
+        f"stage 1: {reuse['misses']} computed, {reuse['hits']} reused{scratch} "
         f"({reuse['seconds_saved']:.0f} s of pretraining saved); "
         f"{summary['trials']} trials, {summary['errors']} failed{diverged}"
     )
@@ -206,14 +206,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "parameters take their default unless set with --set.",
     )
     p.add_argument("space", metavar="SPACE.yaml", help="a search-space file (search_spaces/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.backbone=vgg11_bn (repeatable)",
-    )
+    _add_overrides(p, "override a config value, e.g. --set model.backbone=vgg11_bn (repeatable)")
     p.add_argument("--storage-path", help="results directory or URI (default ~/dtlray_results)")
     p.add_argument("--name", help="run name (default: train-<space>-<time>)")
     p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")

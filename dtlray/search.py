@@ -452,13 +452,21 @@ def unfinished_trials(results: tune.ResultGrid, num_samples: int) -> int:
 
 
 def stage1_reuse(results: tune.ResultGrid) -> dict[str, float]:
-    """Stage-1 hits, misses and the compute the hits saved, from the trials' last reports."""
-    reported = [r.metrics for r in results if r.metrics and "stage1/cache_hit" in r.metrics]
-    hits = [m for m in reported if m["stage1/cache_hit"]]
+    """How trials got stage 1 (``stage1/mode`` of their last reports) and what reuse saved.
+
+    Returns:
+        ``hits`` (reused), ``misses`` (computed), ``scratch`` (no stage 1) and
+        ``seconds_saved`` (the compute the reused ones would have cost).
+    """
+    reported = [r.metrics for r in results if r.metrics and "stage1/mode" in r.metrics]
+    modes = [m["stage1/mode"] for m in reported]
     return {
-        "hits": len(hits),
-        "misses": len(reported) - len(hits),
-        "seconds_saved": float(sum(m.get("stage1/compute_seconds", 0.0) for m in hits)),
+        "hits": modes.count("reused"),
+        "misses": modes.count("computed"),
+        "scratch": modes.count("scratch"),
+        "seconds_saved": float(
+            sum(m["stage1/compute_seconds"] for m in reported if m["stage1/mode"] == "reused")
+        ),
     }
 
 

@@ -121,13 +121,11 @@ class SearchProgress(tune.Callback):
         best = self._best(trials)
         if best is not None:
             parts.append(f"best {self._metric} {best[0]:.4f} ({best[1]})")
-        hits = [
-            bool(t.last_result["stage1/cache_hit"])
-            for t in trials
-            if t.last_result and "stage1/cache_hit" in t.last_result
-        ]
-        if hits:
-            parts.append(f"stage 1: {hits.count(False)} computed, {hits.count(True)} reused")
+        modes = [(t.last_result or {}).get("stage1/mode") for t in trials]
+        if "computed" in modes or "reused" in modes:
+            parts.append(
+                f"stage 1: {modes.count('computed')} computed, {modes.count('reused')} reused"
+            )
         parts.append(_elapsed(time.monotonic() - self._started))
         self._print("[search] " + "; ".join(parts))
 

@@ -100,20 +100,42 @@ class WorkerPlan:
 
 @dataclass
 class Stage1Outcome:
-    """What stage 1 contributes to every finetune report."""
+    """What stage 1 contributes to every finetune report.
 
-    source_val_acc: float
-    seconds: float  # spent by this trial on stage 1 (small on a cache hit)
-    compute_seconds: float  # what computing the stage-1 result cost, whoever computed it
-    cache_hit: bool
+    Attributes:
+        mode: ``computed`` (this trial pretrained), ``reused`` (loaded a stored stage 1) or
+            ``scratch`` (``stage2.init: scratch``: no stage 1 at all).
+        source_val_acc: stage 1's source validation accuracy; None for ``scratch``.
+        seconds: spent by this trial on stage 1 (small when reused, 0 for scratch).
+        compute_seconds: what computing the stage-1 result cost, whoever computed it.
+    """
+
+    mode: Literal["computed", "reused", "scratch"]
+    source_val_acc: float | None
+    seconds: float
+    compute_seconds: float
+
+    @classmethod
+    def from_checkpoint(cls, meta: Mapping[str, Any]) -> Stage1Outcome:
+        """Rebuild from a finetune checkpoint's ``meta.json`` (older ones have no ``mode``)."""
+        if "mode" in meta:
+            return cls(**meta)
+        source = meta["source_val_acc"]
+        scratch = source is None or (isinstance(source, float) and math.isnan(source))
+        mode = "reused" if meta["cache_hit"] else ("scratch" if scratch else "computed")
+        return cls(mode, None if scratch else source, meta["seconds"], meta["compute_seconds"])
 
     def metrics(self) -> dict[str, Any]:
-        return {
-            "source/val_acc": self.source_val_acc,
-            "stage1/cache_hit": self.cache_hit,
+        """The stage-1 metrics of every finetune report; a scratch trial claims no stage 1."""
+        metrics: dict[str, Any] = {
+            "stage1/mode": self.mode,
             "stage1/seconds": self.seconds,
             "stage1/compute_seconds": self.compute_seconds,
         }
+        if self.mode != "scratch":
+            metrics["source/val_acc"] = self.source_val_acc
+            metrics["stage1/cache_hit"] = self.mode == "reused"
+        return metrics
 
 
 class Diverged(Exception):
@@ -192,7 +214,7 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
     stage1: Stage1Outcome | None = None
     if resume is not None:
         model.load_state_dict(resume.model_state)
-        stage1 = Stage1Outcome(**resume.meta["stage1"])
+        stage1 = Stage1Outcome.from_checkpoint(resume.meta["stage1"])
         env.log(f"[dtlray] resuming finetune at epoch {resume.meta['epoch'] + 1}")
 
     def report(epoch: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -276,7 +298,7 @@ def _run_or_load_stage1(
 ) -> Stage1Outcome:
     start = time.perf_counter()
     if plan.stage1_mode == "none":
-        return Stage1Outcome(math.nan, 0.0, 0.0, cache_hit=False)
+        return Stage1Outcome("scratch", None, 0.0, 0.0)
     assert plan.stage1_dir is not None
     # A restarted worker group (FailureConfig) may find the result its first attempt stored.
     if plan.stage1_mode == "load" or has_stage1(plan.stage1_dir):
@@ -284,7 +306,7 @@ def _run_or_load_stage1(
         load_trunk(model, state)
         env.log(f"[dtlray] stage 1 reused from {plan.stage1_dir}")
         return Stage1Outcome(
-            record.source_val_acc, time.perf_counter() - start, record.seconds, cache_hit=True
+            "reused", record.source_val_acc, time.perf_counter() - start, record.seconds
         )
 
     pretrain = pretrain_stage(cfg, plan.datasets)
@@ -300,7 +322,7 @@ def _run_or_load_stage1(
             Stage1Record(source_val_acc=source_val_acc, seconds=seconds, config=cfg.to_dict()),
         )
     env.log(f"[dtlray] stage 1 done in {seconds:.1f}s: source/val_acc={source_val_acc:.4f}")
-    return Stage1Outcome(source_val_acc, seconds, seconds, cache_hit=False)
+    return Stage1Outcome("computed", source_val_acc, seconds, seconds)
 
 
 # -- one stage ----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+pytestmark = pytest.mark.slow  # starts a real local Ray
+
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "scripts" / "cluster_smoke"
 CANNOT_RUN = 77  # scripts/cluster_smoke's exit status when this machine cannot run it

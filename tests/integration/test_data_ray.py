@@ -20,6 +20,8 @@ from dtlray.data import (
 )
 from dtlray.errors import DtlrayError
 
+pytestmark = pytest.mark.slow  # starts a real local Ray
+
 
 def test_open_split_streams_every_row_once(ray_cluster: None, tmp_path: Path) -> None:
     info = prepare_builtin("fashion-mnist", tmp_path, limit=12_000)  # train: 2 shards

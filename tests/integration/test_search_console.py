@@ -13,11 +13,12 @@ import optuna
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # starts a real local Ray
+
 TINY = Path("search_spaces/tiny.yaml")
 EPOCHS = 3
 
 
-@pytest.mark.slow
 def test_diverging_trial_ends_at_once_and_states_are_true(data_root: Path, tmp_path: Path) -> None:
     raw = yaml.safe_load(TINY.read_text())
     raw["trial"]["data"]["root"] = str(data_root)

@@ -66,3 +66,19 @@ for command in [*commands, ["list"]]:
     step = "prepare" if with_dataset else "list"
     assert _imported_heavy_modules(code, str(tmp_path), step) == "[]"
     assert (tmp_path / "digits" / "dataset.json").is_file() == with_dataset
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["check", "search_spaces/tiny.yaml"], ["tune", "--help"]]
+)
+def test_light_cli_commands(argv: list[str]) -> None:
+    # The CLI as `dtlray ...` runs it: parser construction and the command itself.
+    code = """
+import sys
+from dtlray.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:  # --help exits 0
+    assert done.code == 0, done.code
+"""
+    assert _imported_heavy_modules(code, *argv) == "[]"

@@ -102,3 +102,33 @@ def test_label_budget_is_stratified_seeded_and_keeps_every_class() -> None:
     frac = select_label_budget(labels, None, 0.1, seed=0)
     assert np.bincount(labels[frac], minlength=5).tolist() == [5, 4, 3, 1, 1]
     assert len(select_label_budget(labels, None, None, seed=0)) == len(labels)
+
+
+def test_a_non_finite_loss_ends_the_epoch_as_diverged() -> None:
+    from dtlray.train_loop import Diverged, InMemorySplit, WorkerEnv, train_one_epoch
+
+    cfg = TrialConfig.from_flat(
+        {
+            "stage2.lr": 10.0,
+            "stage2.batch_size": 8,
+            "model.fusion_width": 16,
+            "data.image_size": 16,
+            "data.channels": 1,
+            "data.targets": ["faces"],
+        }
+    )
+    spec = finetune_stage(cfg, METAS)
+    model = _model(cfg, spec.heads)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 25, 25), dtype=torch.uint8, generator=generator)
+    data = {"faces": InMemorySplit(images, torch.randint(0, 2, (32,), generator=generator))}
+    env = WorkerEnv(0, 1, torch.device("cpu"), 0, image_size=16, channels=1)
+    # A model whose weights are already non-finite: the first step's loss is NaN.
+    with torch.no_grad():
+        next(iter(model.heads.parameters())).fill_(float("nan"))
+    with pytest.raises(Diverged) as caught:
+        train_one_epoch(model, model, spec, data, build_optimizer(model, spec), 0, env)
+    err = caught.value
+    assert (err.stage, err.epoch) == ("finetune", 1)
+    assert "step 1: the training loss is nan" in err.reason
+    assert "lower the learning rate (stage2.lr=10, e.g. to 1)" in err.reason
