@@ -9,8 +9,10 @@ import yaml
 from PIL import Image
 
 import dtlray
+from dtlray.baseline import BASELINE_FILE
 from dtlray.experiment import BASELINE_DIR, SPACE_FILE
-from dtlray.report import BASELINE_FILE, PLOTS, main_args
+from dtlray.report import main_args
+from dtlray.report.plots import PLOTS
 from dtlray.search import summarize_best
 from dtlray.search_space import parse_space
 

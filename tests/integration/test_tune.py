@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 import dtlray
-from dtlray import report
 from dtlray.experiment import STAGE1_CACHE_DIR as CACHE_DIR
 from dtlray.ray_session import free_port
+from dtlray.report.records import read_jsonl
 from dtlray.search import summarize_best
 from dtlray.search_space import parse_space
 
@@ -107,7 +107,7 @@ def _trial_results(experiment: Path) -> dict[str, list[dict]]:
     out = {}
     for path in experiment.glob("run_trial_fn_*/result.json"):
         # Tune may be writing the last line right now: read only whole lines (as the report).
-        out[path.parent.name.split("_")[3]] = report._read_jsonl(path)
+        out[path.parent.name.split("_")[3]] = read_jsonl(path)
     return out
 
 

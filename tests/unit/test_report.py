@@ -18,21 +18,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from dtlray import report
+from dtlray.baseline import BASELINE_FILE
 from dtlray.config import TrialConfig
 from dtlray.errors import DtlrayError
 from dtlray.experiment import BASELINE_DIR, RUNNING_FILE
-from dtlray.report import (
-    BASELINE_FILE,
+from dtlray.report import build_report, main_args, sections
+from dtlray.report import cli as report_cli
+from dtlray.report.plots import PLOTS, plot_curves
+from dtlray.report.records import TrialRecord, load_experiment, load_trials
+from dtlray.report.study import build_study, infer_distributions, param_importances
+from dtlray.report.transfer import (
     GainRow,
-    build_report,
-    build_study,
-    infer_distributions,
+    Stage1Summary,
     load_baseline,
-    load_experiment,
-    load_trials,
-    main_args,
-    param_importances,
     scratch_config,
     stage1_summary,
     transfer_gain,
@@ -54,10 +52,11 @@ class FakeTrial:
     trial_id: str
     params: dict[str, Any]
     val_accs: list[float]  # target/val_acc per finetune epoch
-    stage1: str = "computed"  # computed | reused | none
+    stage1: str = "computed"  # computed | reused | scratch
     compute_seconds: float = 10.0
     status: str = "TERMINATED"
     error: str | None = None
+    reports_mode: bool = True  # False: a trial from before `stage1/mode` existed
 
 
 def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
@@ -77,10 +76,7 @@ def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
                 "train/samples_per_s": 200.0,
                 "train/epoch_seconds": 0.6,
                 "epoch": epoch,
-                "source/val_acc": float("nan") if trial.stage1 == "none" else 0.3,
-                "stage1/cache_hit": trial.stage1 == "reused",
-                "stage1/seconds": 0.2 if trial.stage1 == "reused" else trial.compute_seconds,
-                "stage1/compute_seconds": 0.0 if trial.stage1 == "none" else trial.compute_seconds,
+                **_stage1_metrics(trial),
                 "checkpoint_path": f"{exp}/train-{trial.trial_id}/checkpoint_{epoch}",
                 "timestamp": 1795816481 + epoch,
                 "checkpoint_dir_name": None,
@@ -99,6 +95,22 @@ def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _stage1_metrics(trial: FakeTrial) -> dict[str, Any]:
+    """The stage-1 metrics of each report, as the worker loop of the trial's time wrote them."""
+    scratch = trial.stage1 == "scratch"
+    metrics: dict[str, Any] = {
+        "stage1/seconds": 0.2 if trial.stage1 == "reused" else trial.compute_seconds,
+        "stage1/compute_seconds": 0.0 if scratch else trial.compute_seconds,
+    }
+    if not trial.reports_mode:  # older loops: a NaN source accuracy and a cache flag for all
+        source = float("nan") if scratch else 0.3
+        return {"source/val_acc": source, "stage1/cache_hit": trial.stage1 == "reused", **metrics}
+    metrics["stage1/mode"] = trial.stage1
+    if not scratch:  # a scratch trial claims no stage 1
+        metrics |= {"source/val_acc": 0.3, "stage1/cache_hit": trial.stage1 == "reused"}
+    return metrics
 
 
 def write_experiment(
@@ -305,8 +317,8 @@ def test_report_writes_md_html_and_valid_pngs(experiment: Path) -> None:
     write_baseline(experiment, digits=0.20, faces=0.90)
     out = build_report(experiment)
     assert out == experiment / "report"
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", *report.PLOTS}
-    for name in report.PLOTS:
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", *PLOTS}
+    for name in PLOTS:
         with Image.open(out / name) as img:
             img.verify()
         with Image.open(out / name) as img:
@@ -315,7 +327,7 @@ def test_report_writes_md_html_and_valid_pngs(experiment: Path) -> None:
             # A drawn plot, not a blank canvas.
             assert len(img.convert("L").getcolors(maxcolors=1 << 16) or [0] * 99) > 10
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    for name in report.PLOTS:
+    for name in PLOTS:
         assert f"]({name})" in md
         assert f'<img src="{name}"' in page
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
@@ -362,17 +374,17 @@ def test_a_failed_rebuild_keeps_the_previous_report(
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report, "plot_curves", broken)
+    monkeypatch.setattr(sections, "plot_curves", broken)
     with pytest.raises(OSError, match="disk full"):
         build_report(experiment)
     assert (out / "report.md").read_text() == previous
-    assert {p.name for p in out.iterdir()} >= {"report.html", *report.PLOTS}
+    assert {p.name for p in out.iterdir()} >= {"report.html", *PLOTS}
     assert not list(experiment.glob(".report-*")), "temporary directories left behind"
 
 
 def test_learning_curves_draw_the_top_k(experiment: Path) -> None:
     exp = load_experiment(experiment)
-    top = report.plot_curves(exp, 2, experiment / "c.png")
+    top = plot_curves(exp, 2, experiment / "c.png")
     assert [t.trial_id for t in top] == ["35969fb1", "a3ac03eb"]
     with Image.open(experiment / "c.png") as img:
         assert img.format == "PNG"
@@ -412,8 +424,8 @@ def test_without_space_json_the_ranges_are_inferred_and_said_so(tmp_path: Path) 
 
 def test_infer_distributions_by_value_type() -> None:
     trials = [
-        report.TrialRecord("a", 1, {"x": 1, "b": True, "s": "vgg11_bn", "f": 0.5}, (), "X"),
-        report.TrialRecord("b", 2, {"x": 3, "b": False, "s": "resnet18", "f": 0.7}, (), "X"),
+        TrialRecord("a", 1, {"x": 1, "b": True, "s": "vgg11_bn", "f": 0.5}, (), "X"),
+        TrialRecord("b", 2, {"x": 3, "b": False, "s": "resnet18", "f": 0.7}, (), "X"),
     ]
     dists = infer_distributions(trials)
     assert dists["x"] == optuna.distributions.IntDistribution(1, 3)
@@ -497,17 +509,63 @@ def test_stage1_reuse_counts_and_seconds(tmp_path: Path) -> None:
         FakeTrial("aaaa0003", p(1, 0.02, 0.5), [0.5], stage1="reused", compute_seconds=12.0),
         FakeTrial("aaaa0004", p(1, 0.03, 0.5), [0.5], stage1="reused", compute_seconds=12.0),
         FakeTrial("aaaa0005", p(0, 0.03, 0.5), [0.5], stage1="reused", compute_seconds=10.0),
-        FakeTrial("aaaa0006", p(0, 0.04, 0.5), [0.5], stage1="none"),
+        FakeTrial("aaaa0006", p(0, 0.04, 0.5), [0.5], stage1="scratch"),
         FakeTrial("aaaa0007", p(0, 0.05, 0.5), [], status="ERROR", error="OSError: x"),
     ]
     exp = write_experiment(tmp_path / "exp", trials)
     summary = stage1_summary(load_trials(exp))
-    assert summary == report.Stage1Summary(
+    assert summary == Stage1Summary(
         computed=2, reused=3, not_used=1, seconds_spent=22.0, seconds_saved=34.0
     )
     md = (build_report(exp) / "report.md").read_text()
     assert "2 trial(s) pretrained stage 1 (22 s), 3 reused a stored stage 1, saving 34 s" in md
     assert "1 trained from scratch" in md
+
+
+@pytest.mark.parametrize("reports_mode", [True, False], ids=["stage1-mode", "inferred"])
+def test_stage1_kind_per_trial_in_the_summary_and_the_table(
+    tmp_path: Path, reports_mode: bool
+) -> None:
+    trials = [
+        FakeTrial("aaaa0001", p(0, 0.01, 0.5), [0.5], compute_seconds=10.0),
+        FakeTrial("aaaa0002", p(1, 0.01, 0.5), [0.6], stage1="reused", compute_seconds=10.0),
+        FakeTrial("aaaa0003", p(1, 0.02, 0.5), [0.7], stage1="scratch"),
+    ]
+    for trial in trials:
+        trial.reports_mode = reports_mode
+    exp = write_experiment(tmp_path / "exp", trials)
+    by_id = {t.trial_id: t for t in load_trials(exp)}
+    assert [by_id[t.trial_id].stage1 for t in trials] == ["computed", "reused", "scratch"]
+    assert stage1_summary(by_id.values()) == Stage1Summary(
+        computed=1, reused=1, not_used=1, seconds_spent=10.0, seconds_saved=10.0
+    )
+    md = (build_report(exp) / "report.md").read_text()
+    stage1_column = {r[1].strip("*"): r[7] for r in _table_rows(md, "All trials")}
+    assert stage1_column == {"aaaa0001": "computed", "aaaa0002": "reused", "aaaa0003": "scratch"}
+    assert "1 trained from scratch" in md
+
+
+def test_stage1_mode_wins_over_the_older_metrics(tmp_path: Path) -> None:
+    # A stage 1 computed in no measurable time: the older metrics alone would say scratch.
+    exp = write_experiment(
+        tmp_path / "exp", [FakeTrial("aaaa0001", p(0, 0.01, 0.5), [0.5], compute_seconds=0.0)]
+    )
+    assert load_trials(exp)[0].stage1 == "computed"
+    result = next(exp.glob("run_trial_fn_aaaa0001_*/result.json"))
+    row = json.loads(result.read_text())
+    del row["stage1/mode"]
+    result.write_text(json.dumps(row) + "\n")
+    assert load_trials(exp)[0].stage1 == "scratch"
+
+
+def test_an_unknown_stage1_mode_names_the_value_and_the_fix(tmp_path: Path) -> None:
+    exp = write_experiment(
+        tmp_path / "exp", [FakeTrial("aaaa0001", p(0, 0.01, 0.5), [0.5], stage1="warm")]
+    )
+    with pytest.raises(DtlrayError, match="trial aaaa0001 reported stage1/mode = 'warm'") as err:
+        build_report(exp)
+    assert "computed, reused, scratch" in str(err.value)
+    assert "dtlray version that ran the search" in str(err.value)
 
 
 # -- transfer gain -----------------------------------------------------------------------------
@@ -670,16 +728,16 @@ def test_add_parser_registers_report_with_a_handler() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="dtlray")
-    report.add_parser(parser.add_subparsers(dest="command"))
+    report_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", "/x", "--baseline", "--address", "auto"])
-    assert args.handler is report._cmd_report
+    assert args.handler is report_cli._cmd_report
     assert (args.experiment, args.baseline, args.address, args.top_k) == ("/x", True, "auto", 5)
 
 
 def test_importing_the_module_loads_neither_ray_nor_optuna() -> None:
-    # torch comes with the config's backbone registry; Ray, Optuna and matplotlib load on use.
+    # The CLI imports the package to register the subcommand; the heavy modules load on use.
     code = (
         "import sys, dtlray.report; "
-        "sys.exit(1 if {'ray', 'optuna', 'matplotlib'} & set(sys.modules) else 0)"
+        "sys.exit(1 if {'torch', 'ray', 'optuna', 'matplotlib'} & set(sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -1,0 +1,65 @@
+"""``dtlray report EXPERIMENT [--baseline] [--address ADDR] [--top-k K]``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from dtlray.report.sections import DEFAULT_TOP_K, build_report
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dtlray report`` on the top-level subparsers.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``report`` parser (its ``handler`` is set).
+    """
+    p = subparsers.add_parser(
+        "report",
+        help="results table, best config, plots and transfer gain of a search",
+        description="Write <EXPERIMENT>/report/ (report.md, report.html and PNG plots): all "
+        "trials, the best configuration with its val and test accuracy per target, "
+        "optimization history, parameter importances, learning curves, stage-1 reuse, and the "
+        "transfer gain over training the best configuration from scratch.",
+    )
+    p.add_argument(
+        "experiment", metavar="EXPERIMENT", help="the experiment directory (<storage-path>/<name>)"
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="train the from-scratch baseline when it is missing (needs Ray)",
+    )
+    p.add_argument("--address", help="Ray cluster address for --baseline (default: local Ray)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        metavar="K",
+        help=f"trials drawn in the learning-curve plot (default {DEFAULT_TOP_K})",
+    )
+    p.set_defaults(handler=_cmd_report)
+    return p
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    out = build_report(
+        args.experiment, baseline=args.baseline, address=args.address, top_k=args.top_k
+    )
+    print(f"report: {out / 'report.html'}\n        {out / 'report.md'}")
+    return 0
+
+
+def main_args(argv: Sequence[str]) -> int:
+    """Run ``dtlray report`` with ``argv`` (the arguments after ``report``).
+
+    A :class:`DtlrayError` propagates (``dtlray.cli.main`` prints it and exits 2).
+    """
+    parser = argparse.ArgumentParser(prog="dtlray")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["report", *argv])
+    return int(args.handler(args) or 0)
