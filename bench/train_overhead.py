@@ -62,7 +62,8 @@ from dtlray.data import decode_uint8, load_info, prepare_builtin, read_split_tab
 from dtlray.models import TransferModel, build_transfer_model
 from dtlray.ray_session import init_ray
 from dtlray.search_space import load_space
-from dtlray.trial import build_trainer, run_trainer, select_label_budget
+from dtlray.trial import build_trainer, run_trainer
+from dtlray.trial_data import select_label_budget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = REPO_ROOT / "search_spaces" / "tiny.yaml"

@@ -15,14 +15,9 @@ from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, read_split_table
 from dtlray.experiment import filesystem
 from dtlray.stages import build_model, finetune_stage
-from dtlray.train_loop import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_META,
-    InMemorySplit,
-    WorkerEnv,
-    evaluate,
-)
-from dtlray.trial import ensure_dataset, metas_for
+from dtlray.train_loop import CHECKPOINT_FILE, CHECKPOINT_META, evaluate
+from dtlray.trial_data import ensure_dataset, metas_for
+from dtlray.worker import InMemorySplit, WorkerEnv
 
 
 def evaluate_checkpoint(checkpoint_path: str, split: str = "test") -> dict[str, float]:

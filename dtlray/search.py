@@ -27,7 +27,7 @@ from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
 from dtlray.errors import DtlrayError
 from dtlray.experiment import ExperimentDir, default_name
-from dtlray.metrics import DIVERGED_METRIC
+from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE
 from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
     SearchSpace,
@@ -37,7 +37,8 @@ from dtlray.search_space import (
     to_optuna_distributions,
 )
 from dtlray.stage1_claims import stage1_claim, start_claims
-from dtlray.trial import build_trainer, ensure_dataset, run_trainer, stage1_location
+from dtlray.trial import build_trainer, run_trainer, stage1_location
+from dtlray.trial_data import ensure_dataset
 
 log = logging.getLogger(__name__)
 
@@ -458,14 +459,14 @@ def stage1_reuse(results: tune.ResultGrid) -> dict[str, float]:
         ``hits`` (reused), ``misses`` (computed), ``scratch`` (no stage 1) and
         ``seconds_saved`` (the compute the reused ones would have cost).
     """
-    reported = [r.metrics for r in results if r.metrics and "stage1/mode" in r.metrics]
-    modes = [m["stage1/mode"] for m in reported]
+    reported = [r.metrics for r in results if r.metrics and STAGE1_MODE in r.metrics]
+    modes = [m[STAGE1_MODE] for m in reported]
     return {
         "hits": modes.count("reused"),
         "misses": modes.count("computed"),
         "scratch": modes.count("scratch"),
         "seconds_saved": float(
-            sum(m["stage1/compute_seconds"] for m in reported if m["stage1/mode"] == "reused")
+            sum(m["stage1/compute_seconds"] for m in reported if m[STAGE1_MODE] == "reused")
         ),
     }
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON
+from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, STAGE1_MODE
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -121,7 +121,7 @@ class SearchProgress(tune.Callback):
         best = self._best(trials)
         if best is not None:
             parts.append(f"best {self._metric} {best[0]:.4f} ({best[1]})")
-        modes = [(t.last_result or {}).get("stage1/mode") for t in trials]
+        modes = [(t.last_result or {}).get(STAGE1_MODE) for t in trials]
         if "computed" in modes or "reused" in modes:
             parts.append(
                 f"stage 1: {modes.count('computed')} computed, {modes.count('reused')} reused"

@@ -15,14 +15,13 @@ Correctness under DDP:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -34,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtlray.config import StageConfig, TrialConfig
-from dtlray.data import decode_uint8, to_model_input
-from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE
+from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE, STAGE1_MODE
 from dtlray.models import TransferModel, load_trunk
 from dtlray.stage1_cache import Stage1Record, has_stage1, load_stage1, save_stage1
 from dtlray.stages import (
@@ -46,11 +44,20 @@ from dtlray.stages import (
     finetune_stage,
     pretrain_stage,
 )
+from dtlray.worker import (
+    InMemorySplit,
+    StreamingSplit,
+    WorkerEnv,
+    agree_on_sizes,
+    model_input,
+    read_shard,
+    step_batches,
+    train_source,
+)
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_META = "meta.json"
 DIVERGED_FILE = "diverged.json"  # the checkpoint of a diverged trial holds only this
-_DECODE_BATCH_ROWS = 4096
 _EVAL_BATCH_ROWS = 512
 
 
@@ -128,7 +135,7 @@ class Stage1Outcome:
     def metrics(self) -> dict[str, Any]:
         """The stage-1 metrics of every finetune report; a scratch trial claims no stage 1."""
         metrics: dict[str, Any] = {
-            "stage1/mode": self.mode,
+            STAGE1_MODE: self.mode,
             "stage1/seconds": self.seconds,
             "stage1/compute_seconds": self.compute_seconds,
         }
@@ -160,19 +167,6 @@ class Diverged(Exception):
             f"learning rate ({knob}={lr:g}, e.g. to {lr / 10:g})"
         )
         super().__init__(self.reason)
-
-
-@dataclass
-class WorkerEnv:
-    """Where this worker runs."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    seed: int
-    image_size: int
-    channels: int
-    log: Callable[[str], None] = field(default=functools.partial(print, flush=True))
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -367,8 +361,8 @@ def run_stage(
         on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch.
         run_test: evaluate the test splits after the last epoch.
     """
-    train_data = {t.name: _train_source(t, spec, stream_keys) for t in spec.tasks}
-    _agree_on_sizes(train_data, env)
+    train_data = {t.name: train_source(t, spec, stream_keys) for t in spec.tasks}
+    agree_on_sizes(train_data, env)
     val_data = {t.name: read_shard(t.val_key, t.meta) for t in spec.tasks}
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec.optim)
@@ -482,131 +476,6 @@ def _wrap_ddp(model: TransferModel, env: WorkerEnv) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-# -- data on the worker -------------------------------------------------------------------------
-
-
-@dataclass
-class InMemorySplit:
-    """A split (or this rank's shard of it) decoded once to uint8 at the stored size."""
-
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass
-class StreamingSplit:
-    """A train shard too large for memory: Ray Data streams it again every epoch."""
-
-    key: str
-    meta: DatasetMeta
-
-
-def read_shard(key: str, meta: DatasetMeta) -> InMemorySplit:
-    """Decode this worker's shard of dataset ``key`` into memory (uint8, stored size)."""
-    shard = ray.train.get_dataset_shard(key)
-    images, labels = [], []
-    for batch in shard.iter_batches(batch_size=_DECODE_BATCH_ROWS, batch_format="pyarrow"):
-        images.append(decode_uint8(batch["image"], meta.image_shape))
-        labels.append(torch.from_numpy(batch["label"].to_numpy().astype(np.int64)))
-    if not images:
-        h, w, c = meta.image_shape
-        return InMemorySplit(torch.empty(0, c, h, w, dtype=torch.uint8), torch.empty(0).long())
-    return InMemorySplit(torch.cat(images), torch.cat(labels))
-
-
-def _train_source(
-    task: TaskSpec, spec: StageSpec, stream_keys: tuple[str, ...]
-) -> InMemorySplit | StreamingSplit:
-    if task.train_key in stream_keys:
-        if len(spec.tasks) != 1:
-            raise RuntimeError("streaming train data is supported for single-task stages only")
-        return StreamingSplit(task.train_key, task.meta)
-    return read_shard(task.train_key, task.meta)
-
-
-def _model_input(images: torch.Tensor, env: WorkerEnv, augment: bool) -> torch.Tensor:
-    x = to_model_input(images.to(env.device, non_blocking=True), env.image_size, env.channels)
-    return _augment(x) if augment else x
-
-
-def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample random translation by up to ±1/8 of the image side (±4 px at 32 px; bilinear,
-    reflection padding) and a horizontal flip with p=0.5, vectorised."""
-    b = x.shape[0]  # x: (B, C, H, W)
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-    flip = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
-    theta[:, 0, 0] = flip
-    theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = (torch.rand(b, 2, device=x.device) * 2 - 1) * 0.25
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
-
-
-def _step_batches(
-    spec: StageSpec,
-    data: Mapping[str, InMemorySplit | StreamingSplit],
-    epoch: int,
-    env: WorkerEnv,
-) -> Iterator[list[tuple[str, torch.Tensor, torch.Tensor]]]:
-    """Yield, per step, one (task, uint8 images, labels) batch for every task.
-
-    Each step takes from every task a share of the batch proportional to the task's size, so an
-    epoch is one pass over every target's train data and every head gets a gradient every step
-    (which DDP requires).
-    """
-    batch_size = spec.optim.batch_size
-    if len(spec.tasks) == 1 and isinstance(data[spec.tasks[0].name], StreamingSplit):
-        task = spec.tasks[0]
-        shard = ray.train.get_dataset_shard(task.train_key)
-        for batch in shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            drop_last=True,  # a batch of one would break BatchNorm in training mode
-            local_shuffle_buffer_size=batch_size * 16,
-            local_shuffle_seed=env.seed + 1000 * epoch + env.rank,
-        ):
-            images = decode_uint8(batch["image"], task.meta.image_shape)
-            labels = torch.from_numpy(batch["label"].to_numpy().astype(np.int64))
-            yield [(task.name, images, labels)]
-        return
-
-    splits = {name: split for name, split in data.items() if isinstance(split, InMemorySplit)}
-    sizes = {name: len(split) for name, split in splits.items()}
-    total = sum(sizes.values())
-    # Floor, so every step has at least batch_size rows: BatchNorm in training mode cannot
-    # normalise a batch of one, and a tiny last step would be a noisy update anyway.
-    steps = max(1, total // batch_size)
-    generator = torch.Generator().manual_seed(env.seed * 1_000_003 + epoch * 101 + env.rank)
-    chunks = {}
-    for name, size in sizes.items():
-        order = torch.randperm(size, generator=generator)
-        if size < steps:  # a tiny task: cycle so every step still has one of its examples
-            order = order.repeat(math.ceil(steps / max(size, 1)))
-        chunks[name] = torch.tensor_split(order, steps)
-    for step in range(steps):
-        yield [
-            (name, splits[name].images[chunks[name][step]], splits[name].labels[chunks[name][step]])
-            for name in splits
-        ]
-
-
-def _agree_on_sizes(data: Mapping[str, InMemorySplit | StreamingSplit], env: WorkerEnv) -> None:
-    # In-memory shards must be equal on every rank (Ray Data splits train with equal=True);
-    # check it once per stage rather than hang in the first all-reduce if it ever is not.
-    in_memory = [len(s) for s in data.values() if isinstance(s, InMemorySplit)]
-    if env.world_size == 1 or not in_memory:
-        return
-    sizes = torch.tensor(in_memory, dtype=torch.int64, device=env.device)
-    low, high = sizes.clone(), sizes.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError(f"train shards differ across ranks ({low} vs {high}); DDP would hang")
-
-
 def train_one_epoch(
     wrapped: nn.Module,
     model: TransferModel,
@@ -626,13 +495,13 @@ def train_one_epoch(
     # The first step whose loss is not finite, tracked on the device (no host sync per step).
     no_step = torch.iinfo(torch.int64).max
     first_bad = torch.full((), no_step, dtype=torch.int64, device=env.device)
-    for step, step_batches in enumerate(_step_batches(spec, data, epoch, env)):
+    for step, batches in enumerate(step_batches(spec, data, epoch, env)):
         # Tasks are stored at their own sizes; each is resized to the model input, then joined.
-        x = torch.cat([_model_input(b[1], env, spec.optim.augment) for b in step_batches])
+        x = torch.cat([model_input(b[1], env, spec.optim.augment) for b in batches])
         logits = wrapped(x)
         losses = []
         offset = 0
-        for task, _, labels in step_batches:
+        for task, _, labels in batches:
             n = labels.shape[0]
             target = labels.to(env.device, non_blocking=True)
             losses.append(F.cross_entropy(logits[task][offset : offset + n], target))
@@ -689,7 +558,7 @@ def evaluate(
         for start in range(0, len(split), _EVAL_BATCH_ROWS):
             images = split.images[start : start + _EVAL_BATCH_ROWS]
             labels = split.labels[start : start + _EVAL_BATCH_ROWS].to(env.device)
-            logits = model(_model_input(images, env, augment=False))[name]
+            logits = model(model_input(images, env, augment=False))[name]
             sums[i, 0] += (logits.argmax(dim=1) == labels).sum().item()
             sums[i, 1] += F.cross_entropy(logits, labels, reduction="sum").item()
             sums[i, 2] += labels.shape[0]

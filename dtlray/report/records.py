@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from dtlray.errors import DtlrayError
 from dtlray.experiment import BEST_FILE, SPACE_FILE, ExperimentDir, read_json
-from dtlray.metrics import DIVERGED_METRIC
+from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE
 from dtlray.report.study import resolve_distributions
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
-STAGE1_MODE = "stage1/mode"  # how the trial got stage 1, reported by newer worker loops
 
 Stage1Kind = Literal["computed", "reused", "scratch"]
 STAGE1_KINDS: tuple[str, ...] = get_args(Stage1Kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -15,6 +16,8 @@ from dtlray.report import main_args
 from dtlray.report.plots import PLOTS
 from dtlray.search import summarize_best
 from dtlray.search_space import parse_space
+
+pytestmark = pytest.mark.slow  # starts a real local Ray
 
 TINY = Path("search_spaces/tiny.yaml")
 

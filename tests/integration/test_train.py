@@ -19,8 +19,9 @@ from dtlray.data import load_info
 from dtlray.experiment import STAGE1_CACHE_DIR as CACHE_DIR
 from dtlray.models import build_transfer_model
 from dtlray.stages import DatasetMeta, TaskSpec
-from dtlray.train_loop import WorkerEnv, evaluate, read_shard
-from dtlray.trial import SplitTrainOnlyDataConfig, _split_dataset
+from dtlray.train_loop import evaluate
+from dtlray.trial_data import SplitTrainOnlyDataConfig, split_dataset
+from dtlray.worker import WorkerEnv, read_shard
 
 pytestmark = pytest.mark.slow  # starts a real local Ray
 
@@ -145,7 +146,7 @@ def test_ddp_evaluation_counts_every_example_once(
             _eval_per_worker,
             train_loop_config={"meta": meta},
             scaling_config=ray.train.ScalingConfig(num_workers=workers),
-            datasets={"val": _split_dataset(info, "val"), "train": _split_dataset(info, "train")},
+            datasets={"val": split_dataset(info, "val"), "train": split_dataset(info, "train")},
             dataset_config=SplitTrainOnlyDataConfig(train_keys=["train"]),
             run_config=ray.train.RunConfig(storage_path=str(tmp_path), name=f"eval-{workers}"),
         )

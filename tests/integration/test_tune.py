@@ -21,6 +21,8 @@ from dtlray.report.records import read_jsonl
 from dtlray.search import summarize_best
 from dtlray.search_space import parse_space
 
+pytestmark = pytest.mark.slow  # starts a real local Ray
+
 TINY = Path("search_spaces/tiny.yaml")
 
 

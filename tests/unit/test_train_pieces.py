@@ -10,7 +10,7 @@ from dtlray.config import TrialConfig
 from dtlray.models import build_transfer_model
 from dtlray.stages import DatasetMeta, dataset_key, finetune_stage, pretrain_stage
 from dtlray.train_loop import build_optimizer, build_scheduler
-from dtlray.trial import select_label_budget
+from dtlray.trial_data import select_label_budget
 
 METAS = {
     "fashion-mnist": DatasetMeta("fashion-mnist", 10, (28, 28, 1)),
@@ -105,7 +105,8 @@ def test_label_budget_is_stratified_seeded_and_keeps_every_class() -> None:
 
 
 def test_a_non_finite_loss_ends_the_epoch_as_diverged() -> None:
-    from dtlray.train_loop import Diverged, InMemorySplit, WorkerEnv, train_one_epoch
+    from dtlray.train_loop import Diverged, train_one_epoch
+    from dtlray.worker import InMemorySplit, WorkerEnv
 
     cfg = TrialConfig.from_flat(
         {
