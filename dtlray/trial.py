@@ -23,7 +23,7 @@ from dtlray.errors import DtlrayError
 from dtlray.ray_session import quiet_ray_data
 from dtlray.stage1_cache import has_stage1, stage1_dir
 from dtlray.stages import dataset_key, finetune_stage, pretrain_stage
-from dtlray.train_loop import WorkerPlan, train_loop_per_worker
+from dtlray.train_loop import train_loop_per_worker
 from dtlray.trial_data import (
     SplitTrainOnlyDataConfig,
     ensure_dataset,
@@ -32,6 +32,7 @@ from dtlray.trial_data import (
     split_dataset,
     target_train,
 )
+from dtlray.worker import WorkerPlan
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What a Ray Train worker holds while it trains: where it runs, and its data.
+"""What a Ray Train worker holds while it trains: the driver's plan, where it runs, its data.
 
 A split (or this rank's shard of it) is decoded once into uint8 tensors at the stored size, or,
 when too large for memory, streamed from Ray Data every epoch. Every step takes from every task
@@ -8,10 +8,11 @@ worker's device (and augmented when the stage asks).
 
 from __future__ import annotations
 
-import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import ray.train
@@ -20,9 +21,125 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dtlray.data import decode_uint8, to_model_input
+from dtlray.metrics import STAGE1_MODE
 from dtlray.stages import DatasetMeta, StageSpec, TaskSpec
 
 _DECODE_BATCH_ROWS = 4096
+
+
+# -- what the driver tells the workers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Driver-side decisions a worker follows (everything else is in the TrialConfig).
+
+    Attributes:
+        datasets: metadata of every dataset the trial reads, by name.
+        stage1_mode: ``compute`` (run stage 1 and store it), ``load`` (a stored stage-1 result
+            exists) or ``none`` (``stage2.init: scratch``).
+        stage1_dir: where the stage-1 result is loaded from or saved to.
+        stream_keys: train dataset keys too large to keep in worker memory; streamed per epoch.
+        run_test: evaluate the test splits after the last finetune epoch.
+    """
+
+    datasets: dict[str, DatasetMeta]
+    stage1_mode: Literal["compute", "load", "none"]
+    stage1_dir: str | None
+    stream_keys: tuple[str, ...] = ()
+    run_test: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> WorkerPlan:
+        datasets = {
+            name: DatasetMeta(
+                name=meta["name"],
+                num_classes=int(meta["num_classes"]),
+                image_shape=tuple(meta["image_shape"]),  # type: ignore[arg-type]
+            )
+            for name, meta in raw["datasets"].items()
+        }
+        return cls(
+            datasets=datasets,
+            stage1_mode=raw["stage1_mode"],
+            stage1_dir=raw["stage1_dir"],
+            stream_keys=tuple(raw["stream_keys"]),
+            run_test=bool(raw["run_test"]),
+        )
+
+
+@dataclass
+class Stage1Outcome:
+    """What stage 1 contributes to every finetune report.
+
+    Attributes:
+        mode: ``computed`` (this trial pretrained), ``reused`` (loaded a stored stage 1) or
+            ``scratch`` (``stage2.init: scratch``: no stage 1 at all).
+        source_val_acc: stage 1's source validation accuracy; None for ``scratch``.
+        seconds: spent by this trial on stage 1 (small when reused, 0 for scratch).
+        compute_seconds: what computing the stage-1 result cost, whoever computed it.
+    """
+
+    mode: Literal["computed", "reused", "scratch"]
+    source_val_acc: float | None
+    seconds: float
+    compute_seconds: float
+
+    @classmethod
+    def from_checkpoint(cls, meta: Mapping[str, Any]) -> Stage1Outcome:
+        """Rebuild from a finetune checkpoint's ``meta.json`` (older ones have no ``mode``)."""
+        if "mode" in meta:
+            return cls(**meta)
+        source = meta["source_val_acc"]
+        scratch = source is None or (isinstance(source, float) and math.isnan(source))
+        mode = "reused" if meta["cache_hit"] else ("scratch" if scratch else "computed")
+        return cls(mode, None if scratch else source, meta["seconds"], meta["compute_seconds"])
+
+    def metrics(self) -> dict[str, Any]:
+        """The stage-1 metrics of every finetune report; a scratch trial claims no stage 1."""
+        metrics: dict[str, Any] = {
+            STAGE1_MODE: self.mode,
+            "stage1/seconds": self.seconds,
+            "stage1/compute_seconds": self.compute_seconds,
+        }
+        if self.mode != "scratch":
+            metrics["source/val_acc"] = self.source_val_acc
+            metrics["stage1/cache_hit"] = self.mode == "reused"
+        return metrics
+
+
+class Diverged(Exception):
+    """The loss became non-finite: the trial cannot recover, so it ends (and is not retried).
+
+    Raised identically on every rank (the checks run on all-reduced values), so DDP ranks stay
+    in step.
+
+    Args:
+        stage: ``pretrain`` or ``finetune``.
+        epoch: the 1-based epoch it happened in.
+        where: what went non-finite, e.g. ``step 3: the training loss``.
+        loss: the loss value (``nan`` or ``inf``).
+        lr: the stage's learning rate (the fix names it).
+    """
+
+    def __init__(self, stage: str, epoch: int, where: str, loss: float, lr: float) -> None:
+        self.stage, self.epoch = stage, epoch
+        knob = "stage1.lr" if stage == "pretrain" else "stage2.lr"
+        self.reason = (
+            f"diverged in {stage} epoch {epoch}, {where} is {loss} (not finite); lower the "
+            f"learning rate ({knob}={lr:g}, e.g. to {lr / 10:g})"
+        )
+        super().__init__(self.reason)
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train V2 patches print in workers to log through the root logger as
+    # well, and a worker whose stdout Ray wraps then prints every line twice (stdout + stderr).
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 @dataclass
@@ -35,7 +152,7 @@ class WorkerEnv:
     seed: int
     image_size: int
     channels: int
-    log: Callable[[str], None] = field(default=functools.partial(print, flush=True))
+    log: Callable[[str], None] = field(default=_say)
 
 
 @dataclass
