@@ -27,6 +27,12 @@ How to read the output:
   controller only sees reports when it polls (every 2 s), which is too coarse for this.
 * The per-epoch part outside the train pass (validation, checkpoint save and upload, report) is
   printed on its own: it is paid every epoch, but neither side's samples/s includes it.
+* **search trial**: the same trial as a one-trial ``dtlray tune`` search (FIFO) — what a search
+  pays per trial, from ``tuner.fit()`` to its result (a one-worker trial runs the worker loop in
+  its Tune trial). The last two lines are the headline: ``END-TO-END RATIO plain/dtlray`` (the
+  plain loop's set-up plus the same epochs over the search trial's wall; goal >= 0.85) and
+  ``PER-EPOCH OVERHEAD`` (median time between two reports outside the train pass, as a share of
+  the train pass; goal <= 5%).
 
 Run from the repository root (about 2 minutes on 2 cores with the defaults)::
 
@@ -61,7 +67,8 @@ from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, load_info, prepare_builtin, read_split_table, to_model_input
 from dtlray.models import TransferModel, build_transfer_model
 from dtlray.ray_session import init_ray
-from dtlray.search_space import load_space
+from dtlray.search import build_tuner
+from dtlray.search_space import load_space, parse_space
 from dtlray.trial import build_trainer, run_trainer
 from dtlray.trial_data import select_label_budget
 
@@ -353,6 +360,46 @@ def run_dtlray(cfg: TrialConfig, storage: str) -> DtlrayRun:
     )
 
 
+@dataclass
+class SearchTrialRun:
+    """A one-trial ``dtlray tune`` search of the same trial: what a search trial costs."""
+
+    epochs: list[EpochStats]
+    between_reports: list[float]  # seconds from one report to the next (Tune's time_this_iter_s)
+    wall: float  # tuner.fit() call to its result
+
+
+def run_search_trial(cfg: TrialConfig, storage: str) -> SearchTrialRun:
+    """The same trial as a one-trial search (FIFO): Tune runs it, in-process for one worker."""
+    space = parse_space(
+        {
+            "trial": cfg.to_dict(),
+            # One value: the search is the trial itself (a space must search something).
+            "search": {"stage2.lr": {"choices": [cfg.stage2.lr]}},
+            "scheduler": {"type": "fifo"},
+            "num_samples": 1,
+        }
+    )
+    tuner = build_tuner(space, storage_path=storage, name="search-trial", study_storage=None)
+    start = time.perf_counter()
+    (result,) = tuner.fit()
+    wall = time.perf_counter() - start
+    if result.error is not None:
+        raise RuntimeError(f"the search trial failed: {result.error}")
+    rows = result.metrics_dataframe.to_dict("records")
+    if len(rows) != cfg.stage2.epochs:
+        raise RuntimeError(f"expected {cfg.stage2.epochs} reports, got {len(rows)}")
+    epochs = [
+        EpochStats(
+            samples=round(r["train/samples_per_s"] * r["train/epoch_seconds"]),
+            seconds=r["train/epoch_seconds"],
+            loss=r["train/loss"],
+        )
+        for r in rows
+    ]
+    return SearchTrialRun(epochs, [r["time_this_iter_s"] for r in rows], wall)
+
+
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -413,6 +460,35 @@ def print_report(
     )
 
 
+def print_search_trial(
+    cfg: TrialConfig, before: list[EpochStats], plain_setup: float, trial: SearchTrialRun
+) -> None:
+    """What a one-worker search trial costs from the user's side, and the headline lines."""
+    # Epoch 2.. : from one report to the next is the train pass plus everything else.
+    outside = [
+        trial.between_reports[i] - trial.epochs[i].seconds for i in range(1, len(trial.epochs))
+    ]
+    train = [e.seconds for e in trial.epochs[1:]]
+    share = statistics.median(o / t for o, t in zip(outside, train, strict=True))
+    # Fixed: the wall less epochs 2..N (report to report) and epoch 1 (its train pass plus a
+    # typical epoch's part outside it).
+    typical = statistics.median(outside)
+    fixed = trial.wall - sum(trial.between_reports[1:]) - trial.epochs[0].seconds - typical
+    plain_wall = plain_setup + sum(e.seconds for e in before)
+    print("\none-worker search trial (dtlray tune, 1 trial, FIFO): call to result")
+    print(
+        f"  tuner.fit() wall {trial.wall:.2f} s for {len(trial.epochs)} epochs; plain loop "
+        f"wall (set-up + the same epochs) {plain_wall:.2f} s"
+    )
+    print(
+        f"  fixed cost (wall minus the epochs) {fixed:.2f} s; per epoch outside the train pass "
+        f"median {statistics.median(outside):.2f} s "
+        f"[{', '.join(f'{o:.2f}' for o in outside)}]"
+    )
+    print(f"END-TO-END RATIO plain/dtlray = {plain_wall / trial.wall:.3f}  (goal >= 0.85)")
+    print(f"PER-EPOCH OVERHEAD = {share * 100:.1f}%  (goal <= 5%)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Plain loop, dtlray trial, plain loop again; then the report."""
     args = parse_args(argv)
@@ -456,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             init_ray(None)  # Ray is up: this only applies dtlray's Ray Data settings
             dtlray = run_dtlray(cfg, os.path.join(tmp, "storage"))
+            print("the same trial as a one-trial dtlray search ...", flush=True)
+            search_trial = run_search_trial(cfg, os.path.join(tmp, "search"))
         finally:
             ray.shutdown()
 
@@ -464,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print_report(cfg, before, after, plain_setup, dtlray)
         print(f"load average at the end: {os.getloadavg()[0]:.2f} (other work on this machine)")
+        print_search_trial(cfg, before, plain_setup, search_trial)
     return 0
 
 

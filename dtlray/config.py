@@ -192,6 +192,20 @@ class ResourcesConfig(_Section):
     max_failures: int = Field(
         default=1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: ∞)."
     )
+    checkpoint: Literal["auto", "every_epoch", "end"] = Field(
+        default="auto",
+        description="When a finetune epoch writes a checkpoint (model + optimizer): auto = at "
+        "the last epoch, at the scheduler's rungs (where a stopped trial's last report is) and "
+        "whenever a minute of training passed since the last one; every_epoch; end = the last "
+        "epoch only. A restart resumes from the last one written.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Training precision: auto = bf16 autocast on a GPU that supports it, fp32 "
+        "elsewhere; bf16 also runs on CPU; fp16 (GPU only) trains with a gradient scaler. "
+        "Weights stay fp32 (checkpoints resume under any precision); on a GPU tensors are "
+        "channels_last.",
+    )
 
 
 class TrialConfig(_Section):

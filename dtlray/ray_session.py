@@ -41,6 +41,8 @@ NOISE = tuple(
         r"Dataset \S+ execution finished in [\d.]+ seconds",
         # The raylet on a small machine where every trial starts a few actors.
         r"PYTHON worker processes have been started on node",
+        # Tune, for every checkpoint a one-worker trial reports.
+        r"Checkpoint successfully created at: Checkpoint\(",
         # Train's placement-group cleaner after Tune stops a trial: the expected clean-up.
         r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up",
     )

@@ -9,6 +9,7 @@ stages in one trainer whose per-epoch reports reach Tune through ``TuneReportCal
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import optuna
 import ray
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import TRAINING_ITERATION
@@ -37,8 +39,9 @@ from dtlray.search_space import (
     to_optuna_distributions,
 )
 from dtlray.stage1_claims import stage1_claim, start_claims
-from dtlray.trial import build_trainer, run_trainer, stage1_location
-from dtlray.trial_data import ensure_dataset
+from dtlray.train_loop import run_worker
+from dtlray.trial import build_trainer, plan_trial, run_trainer, runs_in_trial, stage1_location
+from dtlray.trial_data import ArrowSplit, ensure_dataset
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,21 @@ def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
     )
 
 
+def rung_epochs(space: SearchSpace) -> tuple[int, ...]:
+    """The finetune epochs at which ASHA decides on a trial (none for FIFO).
+
+    The same milestones as Ray's ``ASHAScheduler``: ``grace_period * reduction_factor**k`` up to
+    ``max_t``. A trial it stops ends with the report of such an epoch.
+    """
+    if space.scheduler.type != "asha":
+        return ()
+    rungs, milestone = [], float(space.grace_period)
+    while milestone <= space.max_epochs:
+        rungs.append(math.ceil(milestone))
+        milestone *= space.scheduler.reduction_factor
+    return tuple(rungs)
+
+
 def derive_max_concurrent_trials(space: SearchSpace) -> int:
     """How many trials fit in the cluster at once (the space's value, capped to what fits).
 
@@ -174,6 +192,33 @@ def derive_max_concurrent_trials(space: SearchSpace) -> int:
     return min(wanted, fit)
 
 
+class TrialSession:
+    """The worker loop's session when a one-worker trial runs it in the Tune trial itself.
+
+    A one-worker ``TorchTrainer`` costs ~25 s of fixed start-up here (controller, worker group,
+    dataset coordinators) against epochs of ~1 s; running the same loop in the trial's own
+    process skips all of it. Reports go to Tune (one result per epoch, so ASHA acts on them),
+    checkpoints are persisted by Tune into the trial directory, and a restarted trial
+    (``tune.FailureConfig``) resumes from the last one.
+
+    Args:
+        datasets: the trial's splits by key, as Arrow tables in this process.
+    """
+
+    def __init__(self, datasets: Mapping[str, ArrowSplit]) -> None:
+        self._datasets = dict(datasets)
+
+    def dataset(self, key: str) -> ArrowSplit:  # noqa: D102
+        return self._datasets[key]
+
+    def checkpoint(self) -> tune.Checkpoint | None:  # noqa: D102
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:  # noqa: D102
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
 def run_trial_fn(
     sampled: dict[str, Any],
     space_dict: dict[str, Any],
@@ -181,7 +226,8 @@ def run_trial_fn(
     experiment: str,
     reuse_stage1: bool = True,
 ) -> None:
-    """One Tune trial: rebuild the typed config, settle stage 1, fit one TorchTrainer."""
+    """One Tune trial: rebuild the typed config, settle stage 1, run the worker loop — in this
+    process for one worker, else in a ``TorchTrainer`` worker group (DDP)."""
     space = parse_space(space_dict, source="<space>")
     cfg = space.trial_config(sampled)
     trial_id = tune.get_context().get_trial_id()
@@ -194,7 +240,21 @@ def run_trial_fn(
         if location is not None and reuse_stage1
         else contextlib.nullcontext(None)
     )
+    rungs = rung_epochs(space)  # a stopped trial's last report must have its checkpoint
     with claim as stage1_mode:
+        if runs_in_trial(cfg):
+            trial = plan_trial(
+                cfg,
+                storage_path=stage1_root,
+                run_test=False,
+                stage1_mode=stage1_mode,
+                in_process=True,
+                checkpoint_epochs=rungs,
+            )
+            # The trial holds the worker's resources (see _trial_resources): a GPU if asked.
+            device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+            run_worker(trial.worker_config, TrialSession(trial.datasets), device=device)
+            return
         trainer, _ = build_trainer(
             cfg,
             storage_path=stage1_root,
@@ -204,8 +264,26 @@ def run_trial_fn(
             callbacks=[TuneReportCallback()],
             run_test=False,  # the search chooses on validation only; test is for the winner
             stage1_mode=stage1_mode,
+            checkpoint_epochs=rungs,
         )
         run_trainer(trainer)
+
+
+def _trial_resources(space_dict: dict[str, Any], config: dict[str, Any]) -> Any:
+    """A one-worker trial holds its worker's CPUs (and GPU); a multi-worker one only a sliver
+    for its driver, its worker group reserving the rest."""
+    cfg = parse_space(space_dict, source="<space>").trial_config(
+        {k: v for k, v in config.items() if k in space_dict.get("search", {})}
+    )
+    if not runs_in_trial(cfg):
+        return tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])
+    use_gpu = cfg.resources.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    bundle = {"CPU": cfg.resources.cpus_per_worker}
+    if use_gpu:
+        bundle["GPU"] = 1
+    return tune.PlacementGroupFactory([bundle])
 
 
 def resolve_space(
@@ -328,6 +406,8 @@ def _run_config(space: SearchSpace, experiment: ExperimentDir, verbose: bool) ->
         name=experiment.name,
         storage_path=experiment.storage_path,
         failure_config=tune.FailureConfig(max_failures=1),
+        # One-worker trials report their checkpoints to Tune: keep the last two per trial.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         # dtlray's own lines (trial start/finish, a progress line) unless asked for Tune's.
         verbose=1 if verbose else 0,
         callbacks=[] if verbose else [SearchProgress(space)],
@@ -343,15 +423,16 @@ def _default_study_storage(experiment: ExperimentDir) -> str | None:
 
 
 def _trainable(space: SearchSpace, experiment: ExperimentDir, reuse_stage1: bool = True) -> Any:
+    space_dict = space.model_dump(mode="json")
     return tune.with_resources(
         tune.with_parameters(
             run_trial_fn,
-            space_dict=space.model_dump(mode="json"),
+            space_dict=space_dict,
             storage_path=experiment.storage_path,
             experiment=experiment.name,
             reuse_stage1=reuse_stage1,
         ),
-        {"CPU": TRIAL_DRIVER_CPU},
+        functools.partial(_trial_resources, space_dict),
     )
 
 
@@ -448,7 +529,12 @@ def _flat(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def unfinished_trials(results: tune.ResultGrid, num_samples: int) -> int:
     """How many of the search's trials did not finish (an interrupted search has some)."""
     trials = results._experiment_analysis.trials  # statuses are not on the public Result
-    done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+    # A trial that Ctrl-C stopped is TERMINATED too, but its last result is not "done".
+    done = sum(
+        1
+        for t in trials
+        if t.status == "ERROR" or (t.status == "TERMINATED" and (t.last_result or {}).get("done"))
+    )
     return max(num_samples, len(trials)) - done
 
 
@@ -469,6 +555,18 @@ def stage1_reuse(results: tune.ResultGrid) -> dict[str, float]:
             sum(m["stage1/compute_seconds"] for m in reported if m[STAGE1_MODE] == "reused")
         ),
     }
+
+
+def _checkpoint_uri(checkpoint: tune.Checkpoint | None) -> str | None:
+    """A Tune checkpoint as a local path or a URI (its ``path`` lacks the scheme)."""
+    if checkpoint is None:
+        return None
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    scheme = {"gcs": "gs"}.get(checkpoint.filesystem.type_name, checkpoint.filesystem.type_name)
+    return f"{scheme}://{checkpoint.path}"
 
 
 def summarize_best(
@@ -504,7 +602,8 @@ def summarize_best(
         "config": cfg.to_dict(),
         "val": {k: v for k, v in best.metrics.items() if k.endswith("val_acc")},
         "epochs": best.metrics.get("training_iteration"),
-        "checkpoint_path": best.metrics.get("checkpoint_path"),
+        # Train-run trials report their checkpoint's path; in-trial ones hand it to Tune.
+        "checkpoint_path": best.metrics.get("checkpoint_path") or _checkpoint_uri(best.checkpoint),
         "trials": len(results),
         "errors": sum(1 for r in results if r.error is not None),
         "diverged": len(diverged),

@@ -48,11 +48,14 @@ from dtlray.worker import (
     InMemorySplit,
     Stage1Outcome,
     StreamingSplit,
+    TrainSession,
     WorkerEnv,
     WorkerPlan,
+    WorkerSession,
     agree_on_sizes,
     model_input,
     read_shard,
+    resolve_precision,
     step_batches,
     train_source,
 )
@@ -72,16 +75,43 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
     Args:
         worker_config: ``{"trial": TrialConfig.to_dict(), "plan": WorkerPlan.to_dict()}``.
     """
-    cfg = TrialConfig.from_dict(worker_config["trial"])
-    plan = WorkerPlan.from_dict(worker_config["plan"])
     context = ray.train.get_context()
-    env = WorkerEnv(
+    run_worker(
+        worker_config,
+        TrainSession(),
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
+    )
+
+
+def run_worker(
+    worker_config: dict[str, Any],
+    session: WorkerSession,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+) -> None:
+    """The worker loop: stage 1 (computed or loaded), then finetune, reporting every epoch.
+
+    Args:
+        worker_config: ``{"trial": TrialConfig.to_dict(), "plan": WorkerPlan.to_dict()}``.
+        session: what runs this loop (a Train worker, or a one-worker Tune trial itself).
+        rank: this worker's rank; world_size: how many workers train together (DDP).
+        device: where to train (default: the CPU).
+    """
+    cfg = TrialConfig.from_dict(worker_config["trial"])
+    plan = WorkerPlan.from_dict(worker_config["plan"])
+    env = WorkerEnv(
+        rank=rank,
+        world_size=world_size,
+        device=device or torch.device("cpu"),
         seed=cfg.seed,
         image_size=cfg.data.image_size,
         channels=cfg.data.channels,
+        session=session,
+        **resolve_precision(cfg.resources.precision, device or torch.device("cpu")),
     )
     # Threads = the CPUs Ray gave this worker: oversubscribing 2 cores with 2 workers x N threads
     # costs far more than it gains, and a fixed count keeps one-worker runs reproducible.
@@ -91,12 +121,14 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, finetune.heads).to(env.device)
+    if env.channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     diverged = _diverged_report(checkpoint)
     if diverged is not None:
-        # A worker group restarted after the trial diverged: say so again, train nothing.
-        ray.train.report(diverged)
+        # Restarted after the trial diverged: say so again, train nothing.
+        session.report(diverged)
         return
     resume = _load_resume(checkpoint)
     stage1: Stage1Outcome | None = None
@@ -105,19 +137,24 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
         stage1 = Stage1Outcome.from_checkpoint(resume.meta["stage1"])
         env.log(f"[dtlray] resuming finetune at epoch {resume.meta['epoch'] + 1}")
 
+    last_checkpoint = time.monotonic()
+
     def report(epoch: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        nonlocal last_checkpoint
         assert stage1 is not None
         metrics = {**metrics, **stage1.metrics()}
+        if not _checkpoint_now(cfg, plan, epoch + 1, time.monotonic() - last_checkpoint):
+            session.report(metrics)
+            return
+        last_checkpoint = time.monotonic()
         meta = {"epoch": epoch, "stage1": asdict(stage1), "metrics": metrics}
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if env.rank == 0:
                 torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
                 with open(os.path.join(tmp, CHECKPOINT_META), "w") as f:
                     json.dump({**meta, "config": cfg.to_dict()}, f, indent=1)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            # Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint.
-            ray.train.report(metrics, checkpoint=checkpoint)
+            # Every rank reports (a barrier under DDP); only rank 0 attaches the checkpoint.
+            session.report(metrics, tmp if env.rank == 0 else None)
 
     try:
         if resume is None:
@@ -153,15 +190,32 @@ def train_loop_per_worker(worker_config: dict[str, Any]) -> None:
         if stage1 is not None:
             metrics.update(stage1.metrics())
         with tempfile.TemporaryDirectory() as tmp:
-            verdict = None
             if env.rank == 0:
                 with open(os.path.join(tmp, DIVERGED_FILE), "w") as f:
                     json.dump(metrics, f, indent=1)
-                verdict = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=verdict)
+            session.report(metrics, tmp if env.rank == 0 else None)
 
 
-def _diverged_report(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
+CHECKPOINT_INTERVAL_S = 60.0  # resources.checkpoint=auto: at most this much training unsaved
+
+
+def _checkpoint_now(cfg: TrialConfig, plan: WorkerPlan, epoch: int, unsaved_s: float) -> bool:
+    """Whether finetune ``epoch`` (from 1) writes a checkpoint (only rank 0 writes one).
+
+    A checkpoint costs a model + optimizer save (86 MB for a ResNet-18) and, on object storage,
+    an upload; it is worth it only where something can resume from it: the end (the chosen
+    trial's test evaluation reads it), a scheduler rung (a stopped trial's last report), or
+    enough unsaved training that a restart would lose real work.
+    """
+    policy = cfg.resources.checkpoint
+    if policy == "every_epoch" or epoch == cfg.stage2.epochs:
+        return True
+    if policy == "end":
+        return False
+    return epoch in plan.checkpoint_epochs or unsaved_s >= CHECKPOINT_INTERVAL_S
+
+
+def _diverged_report(checkpoint: Any) -> dict[str, Any] | None:
     """The metrics of a trial that diverged, when ``checkpoint`` is its verdict."""
     if checkpoint is None:
         return None
@@ -222,16 +276,19 @@ class _Resume:
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
     meta: dict[str, Any]
+    scaler_state: dict[str, Any] | None = None  # fp16 only
 
 
-def _load_resume(checkpoint: ray.train.Checkpoint | None) -> _Resume | None:
+def _load_resume(checkpoint: Any) -> _Resume | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as path:
         state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
         with open(os.path.join(path, CHECKPOINT_META)) as f:
             meta = json.load(f)
-    return _Resume(state["model"], state["optimizer"], state["scheduler"], meta)
+    return _Resume(
+        state["model"], state["optimizer"], state["scheduler"], meta, state.get("scaler")
+    )
 
 
 def run_stage(
@@ -255,11 +312,16 @@ def run_stage(
         on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch.
         run_test: evaluate the test splits after the last epoch.
     """
-    train_data = {t.name: train_source(t, spec, stream_keys) for t in spec.tasks}
+    train_data = {t.name: train_source(t, spec, stream_keys, env) for t in spec.tasks}
     agree_on_sizes(train_data, env)
-    val_data = {t.name: read_shard(t.val_key, t.meta) for t in spec.tasks}
+    assert env.session is not None
+    val_data = {t.name: read_shard(env.session.dataset(t.val_key), t.meta) for t in spec.tasks}
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec.optim)
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
+    if scaler is not None and resume is not None and resume.scaler_state is not None:
+        scaler.load_state_dict(resume.scaler_state)
     start_epoch = 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer_state)
@@ -277,7 +339,9 @@ def run_stage(
             _set_backbone_frozen(model, frozen)
             wrapped = _wrap_ddp(model, env)
             wrapped_for = frozen
-        train_stats = train_one_epoch(wrapped, model, spec, train_data, optimizer, epoch, env)
+        train_stats = train_one_epoch(
+            wrapped, model, spec, train_data, optimizer, epoch, env, scaler=scaler
+        )
         scheduler.step()
         val = evaluate(model, spec.tasks, val_data, env)
         for task, (_, loss) in val.items():
@@ -288,7 +352,11 @@ def run_stage(
         metrics["epoch"] = epoch + 1
         last = epoch == spec.optim.epochs - 1
         if last and run_test:
-            test_data = {t.name: read_shard(t.test_key, t.meta) for t in spec.tasks if t.test_key}
+            test_data = {
+                t.name: read_shard(env.session.dataset(t.test_key), t.meta)
+                for t in spec.tasks
+                if t.test_key
+            }
             test = evaluate(model, spec.tasks, test_data, env)
             metrics.update(_stage_metrics(spec, None, test, "test"))
         if env.rank == 0:
@@ -302,6 +370,8 @@ def run_stage(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
             }
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             on_epoch_end(epoch, metrics, state)
     _set_backbone_frozen(model, False)
     return metrics
@@ -378,8 +448,10 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     env: WorkerEnv,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over the stage's train data; returns loss and global samples/s."""
+    """One pass over the stage's train data, in ``env``'s precision; returns loss and global
+    samples/s. ``scaler``: fp16's gradient scaler."""
     model.train()
     if epoch < spec.freeze_backbone_epochs:
         model.backbone.eval()  # frozen means frozen: BN running stats stay as stage 1 left them
@@ -392,20 +464,26 @@ def train_one_epoch(
     for step, batches in enumerate(step_batches(spec, data, epoch, env)):
         # Tasks are stored at their own sizes; each is resized to the model input, then joined.
         x = torch.cat([model_input(b[1], env, spec.optim.augment) for b in batches])
-        logits = wrapped(x)
-        losses = []
-        offset = 0
-        for task, _, labels in batches:
-            n = labels.shape[0]
-            target = labels.to(env.device, non_blocking=True)
-            losses.append(F.cross_entropy(logits[task][offset : offset + n], target))
-            offset += n
-        loss = torch.stack(losses).mean()  # every task weighs the same
+        with _autocast(env):
+            logits = wrapped(x)
+            losses = []
+            offset = 0
+            for task, _, labels in batches:
+                n = labels.shape[0]
+                target = labels.to(env.device, non_blocking=True)
+                losses.append(F.cross_entropy(logits[task][offset : offset + n], target))
+                offset += n
+            loss = torch.stack(losses).mean()  # every task weighs the same
         bad = ~torch.isfinite(loss.detach()) & (first_bad == no_step)
         first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            scaler.update()
         loss_sum += loss.detach() * offset
         seen += offset
     elapsed = time.perf_counter() - start
@@ -431,6 +509,10 @@ def train_one_epoch(
     }
 
 
+def _autocast(env: WorkerEnv) -> torch.autocast:
+    return torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None)
+
+
 @torch.no_grad()
 def evaluate(
     model: TransferModel,
@@ -452,7 +534,9 @@ def evaluate(
         for start in range(0, len(split), _EVAL_BATCH_ROWS):
             images = split.images[start : start + _EVAL_BATCH_ROWS]
             labels = split.labels[start : start + _EVAL_BATCH_ROWS].to(env.device)
-            logits = model(model_input(images, env, augment=False))[name]
+            with _autocast(env):
+                logits = model(model_input(images, env, augment=False))[name]
+            logits = logits.float()
             sums[i, 0] += (logits.argmax(dim=1) == labels).sum().item()
             sums[i, 1] += F.cross_entropy(logits, labels, reduction="sum").item()
             sums[i, 2] += labels.shape[0]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import ray
 import ray.data
@@ -25,10 +26,12 @@ from dtlray.stage1_cache import has_stage1, stage1_dir
 from dtlray.stages import dataset_key, finetune_stage, pretrain_stage
 from dtlray.train_loop import train_loop_per_worker
 from dtlray.trial_data import (
+    ArrowSplit,
     SplitTrainOnlyDataConfig,
     ensure_dataset,
     metas_for,
     row_bytes,
+    source_train_mb,
     split_dataset,
     target_train,
 )
@@ -46,40 +49,73 @@ def stage1_location(cfg: TrialConfig, storage_path: str) -> tuple[str, str] | No
     return key, stage1_dir(storage_path, key)
 
 
-def build_trainer(
+@dataclass(frozen=True)
+class TrialPlan:
+    """What a trial's workers run: the plan they follow and the datasets they read.
+
+    Attributes:
+        worker_config: the loop's argument, ``{"trial": ..., "plan": WorkerPlan.to_dict()}``.
+        plan: the workers' plan.
+        datasets: Ray Datasets by key (the label budget applied).
+        train_keys: the keys sharded across workers (the train splits).
+        use_gpu: whether the trial trains on GPUs (``auto`` resolved against the cluster).
+    """
+
+    worker_config: dict[str, Any]
+    plan: WorkerPlan
+    datasets: dict[str, ray.data.Dataset | ArrowSplit]
+    train_keys: tuple[str, ...]
+    use_gpu: bool
+
+
+def runs_in_trial(cfg: TrialConfig) -> bool:
+    """Whether a search trial runs the worker loop in its own process instead of a
+    ``TorchTrainer``: one worker (no DDP), and a source small enough to keep in memory (the
+    in-process loop reads its splits whole; streaming needs Ray Data tasks)."""
+    if cfg.resources.num_workers != 1:
+        return False
+    if cfg.stage2.init == "scratch":
+        return True
+    source = ensure_dataset(cfg.data.source, cfg.data.root)
+    return source_train_mb(cfg, source) <= cfg.data.in_memory_max_mb
+
+
+def plan_trial(
     cfg: TrialConfig,
     *,
     storage_path: str,
-    run_name: str,
-    callbacks: Sequence[ray.train.UserCallback] = (),
     run_test: bool = True,
     stage1_mode: Literal["load", "compute"] | None = None,
-    run_storage_path: str | None = None,
-) -> tuple[TorchTrainer, WorkerPlan]:
-    """Build the ``TorchTrainer`` that runs both stages of ``cfg``.
+    in_process: bool = False,
+    checkpoint_epochs: Sequence[int] = (),
+) -> TrialPlan:
+    """Decide what the trial's workers do: which datasets they read (label budget applied),
+    whether stage 1 is computed or loaded, whether to stream, whether to use GPUs.
 
     Args:
         cfg: the trial.
         storage_path: absolute path or URI of the results (and the stage-1 cache).
-        run_name: the Train run's name; keep it stable for a trial so a retry resumes.
-        callbacks: Ray Train callbacks (Tune's ``TuneReportCallback`` in a search).
         run_test: evaluate test splits after the last epoch.
         stage1_mode: ``load`` or ``compute`` stage 1 as a search's single-flight claim decided;
             None: load it when it is stored, else compute it.
-        run_storage_path: where the Train run writes (default ``storage_path``).
+        in_process: the loop runs in this process (:func:`runs_in_trial`): splits are
+            :class:`~dtlray.trial_data.ArrowSplit` tables, not Ray Datasets.
+        checkpoint_epochs: finetune epochs that must write a checkpoint (a scheduler's rungs).
 
-    Returns:
-        The trainer and the plan its workers follow.
+    Raises:
+        DtlrayError: a dataset is not prepared, or a target exceeds ``data.in_memory_max_mb``.
     """
     quiet_ray_data()
     root = cfg.data.root
     infos = {name: ensure_dataset(name, root) for name in cfg.data.targets}
-    datasets: dict[str, ray.data.Dataset] = {}
+    datasets: dict[str, ray.data.Dataset | ArrowSplit] = {}
     for name, info in infos.items():
-        datasets[dataset_key("finetune", name, "train")] = target_train(info, cfg)
-        datasets[dataset_key("finetune", name, "val")] = split_dataset(info, "val")
-        if run_test:
-            datasets[dataset_key("finetune", name, "test")] = split_dataset(info, "test")
+        datasets[dataset_key("finetune", name, "train")] = target_train(
+            info, cfg, in_process=in_process
+        )
+        for split in ("val", "test") if run_test else ("val",):
+            key = dataset_key("finetune", name, split)
+            datasets[key] = split_dataset(info, split, in_process=in_process)
 
     stream_keys: list[str] = []
     if cfg.stage2.init == "scratch":
@@ -90,14 +126,14 @@ def build_trainer(
         s1_dir = stage1_dir(storage_path, cfg.stage1_key(source.fingerprint))
         mode = stage1_mode or ("load" if has_stage1(s1_dir) else "compute")
         if mode == "compute":
-            rows = source.splits["train"]
-            if cfg.data.source_max_rows is not None:
-                rows = min(rows, cfg.data.source_max_rows)
             key = dataset_key("pretrain", source.name, "train")
-            datasets[key] = split_dataset(source, "train", cfg.data.source_max_rows)
-            datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(source, "val")
-            per_worker_mb = rows * row_bytes(source) / cfg.resources.num_workers / 2**20
+            rows = cfg.data.source_max_rows
+            datasets[key] = split_dataset(source, "train", rows, in_process=in_process)
+            val = split_dataset(source, "val", in_process=in_process)
+            datasets[dataset_key("pretrain", source.name, "val")] = val
+            per_worker_mb = source_train_mb(cfg, source) / cfg.resources.num_workers
             if per_worker_mb > cfg.data.in_memory_max_mb:
+                assert not in_process, "runs_in_trial keeps a streaming source out"
                 stream_keys.append(key)
     for name, info in infos.items():
         total_mb = info.splits["train"] * row_bytes(info) / 2**20
@@ -116,6 +152,7 @@ def build_trainer(
         stage1_dir=s1_dir,
         stream_keys=tuple(stream_keys),
         run_test=run_test,
+        checkpoint_epochs=tuple(sorted(checkpoint_epochs)),
     )
     use_gpu = cfg.resources.use_gpu
     if use_gpu == "auto":
@@ -123,12 +160,54 @@ def build_trainer(
     stages = [finetune_stage(cfg, plan.datasets)]
     if mode == "compute":
         stages.append(pretrain_stage(cfg, plan.datasets))
+    return TrialPlan(
+        worker_config={"trial": cfg.to_dict(), "plan": plan.to_dict()},
+        plan=plan,
+        datasets=datasets,
+        train_keys=tuple(k for s in stages for k in s.train_keys() if k in datasets),
+        use_gpu=bool(use_gpu),
+    )
+
+
+def build_trainer(
+    cfg: TrialConfig,
+    *,
+    storage_path: str,
+    run_name: str,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    run_test: bool = True,
+    stage1_mode: Literal["load", "compute"] | None = None,
+    run_storage_path: str | None = None,
+    checkpoint_epochs: Sequence[int] = (),
+) -> tuple[TorchTrainer, WorkerPlan]:
+    """Build the ``TorchTrainer`` that runs both stages of ``cfg`` (see :func:`plan_trial`).
+
+    Args:
+        cfg: the trial.
+        storage_path: absolute path or URI of the results (and the stage-1 cache).
+        run_name: the Train run's name; keep it stable for a trial so a retry resumes.
+        callbacks: Ray Train callbacks (Tune's ``TuneReportCallback`` in a search).
+        run_test: evaluate test splits after the last epoch.
+        stage1_mode: as in :func:`plan_trial`.
+        run_storage_path: where the Train run writes (default ``storage_path``).
+        checkpoint_epochs: as in :func:`plan_trial`.
+
+    Returns:
+        The trainer and the plan its workers follow.
+    """
+    trial = plan_trial(
+        cfg,
+        storage_path=storage_path,
+        run_test=run_test,
+        stage1_mode=stage1_mode,
+        checkpoint_epochs=checkpoint_epochs,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict(), "plan": plan.to_dict()},
+        train_loop_config=trial.worker_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.resources.num_workers,
-            use_gpu=bool(use_gpu),
+            use_gpu=trial.use_gpu,
             resources_per_worker={"CPU": cfg.resources.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
@@ -140,12 +219,10 @@ def build_trainer(
             # Train's INFO lines repeat every metric per epoch; rank 0's line already says it.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
-        dataset_config=SplitTrainOnlyDataConfig(
-            train_keys=[k for s in stages for k in s.train_keys() if k in datasets]
-        ),
+        datasets=trial.datasets,
+        dataset_config=SplitTrainOnlyDataConfig(train_keys=list(trial.train_keys)),
     )
-    return trainer, plan
+    return trainer, trial.plan
 
 
 def run_trainer(trainer: TorchTrainer) -> ray.train.Result:

@@ -9,10 +9,12 @@ images); larger ones stream from Parquet.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -71,17 +73,40 @@ def select_label_budget(
     return np.sort(np.concatenate(chosen))
 
 
+@dataclass(frozen=True)
+class ArrowSplit:
+    """A split held as an Arrow table in this process, read the way a Ray Data shard is read.
+
+    A one-worker trial that runs the loop in its own Tune trial reads its splits this way: a
+    Ray Dataset would need Ray tasks (a CPU each) that a machine whose slots are all taken by
+    trials cannot schedule.
+    """
+
+    table: pa.Table
+
+    def iter_batches(self, *, batch_size: int, batch_format: str = "pyarrow") -> Iterator[pa.Table]:
+        """Consecutive slices of ``batch_size`` rows, as ``pyarrow`` tables."""
+        assert batch_format == "pyarrow", batch_format
+        for start in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(start, batch_size)
+
+
 def split_dataset(
-    info: DatasetInfo, split: str, rows: np.ndarray | int | None = None
-) -> ray.data.Dataset:
-    """A split as a Ray Dataset: the whole split, its first ``rows`` rows, or the rows listed.
+    info: DatasetInfo,
+    split: str,
+    rows: np.ndarray | int | None = None,
+    *,
+    in_process: bool = False,
+) -> ray.data.Dataset | ArrowSplit:
+    """A split: the whole split, its first ``rows`` rows, or the rows listed.
 
     Splits under :data:`SMALL_SPLIT_BYTES` are read once here and handed over in memory
     (``from_arrow``): every Ray Data read pipeline costs seconds of start-up on each pass, which
     dominates a trial whose targets are a few hundred images. Larger splits stream from Parquet.
+    ``in_process``: always an :class:`ArrowSplit` (for a loop running in this process).
     """
     size = info.splits[split] * row_bytes(info)
-    if size > SMALL_SPLIT_BYTES and not isinstance(rows, np.ndarray):
+    if size > SMALL_SPLIT_BYTES and not isinstance(rows, np.ndarray) and not in_process:
         ds = open_split(info, split, shuffle_files=split == "train")
         return ds if rows is None else ds.limit(rows)
     table = read_split_table(info, split)
@@ -89,18 +114,29 @@ def split_dataset(
         table = table.take(rows)
     elif rows is not None:
         table = table.slice(0, rows)
-    return ray.data.from_arrow(table)
+    return ArrowSplit(table) if in_process else ray.data.from_arrow(table)
 
 
-def target_train(info: DatasetInfo, cfg: TrialConfig) -> ray.data.Dataset:
+def target_train(
+    info: DatasetInfo, cfg: TrialConfig, *, in_process: bool = False
+) -> ray.data.Dataset | ArrowSplit:
+    """A target's train split with the trial's label budget applied."""
     budget = cfg.stage2
     if budget.samples_per_class is None and budget.train_fraction is None:
-        return split_dataset(info, "train")
+        return split_dataset(info, "train", in_process=in_process)
     # The budget is chosen from the label column: stratified, seeded, so every trial with the
     # same seed finetunes on the same examples.
     labels = read_split_table(info, "train").column("label").to_numpy()
     keep = select_label_budget(labels, budget.samples_per_class, budget.train_fraction, cfg.seed)
-    return split_dataset(info, "train", keep)
+    return split_dataset(info, "train", keep, in_process=in_process)
+
+
+def source_train_mb(cfg: TrialConfig, info: DatasetInfo) -> float:
+    """Megabytes of the source train rows a trial pretrains on."""
+    rows = info.splits["train"]
+    if cfg.data.source_max_rows is not None:
+        rows = min(rows, cfg.data.source_max_rows)
+    return rows * row_bytes(info) / 2**20
 
 
 def metas_for(infos: dict[str, DatasetInfo]) -> dict[str, DatasetMeta]:

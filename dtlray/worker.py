@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import ray.train
@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dtlray.data import decode_uint8, to_model_input
+from dtlray.errors import DtlrayError
 from dtlray.metrics import STAGE1_MODE
 from dtlray.stages import DatasetMeta, StageSpec, TaskSpec
 
@@ -41,6 +42,8 @@ class WorkerPlan:
         stage1_dir: where the stage-1 result is loaded from or saved to.
         stream_keys: train dataset keys too large to keep in worker memory; streamed per epoch.
         run_test: evaluate the test splits after the last finetune epoch.
+        checkpoint_epochs: finetune epochs (from 1) a checkpoint must be written after, beyond
+            what ``resources.checkpoint`` asks: the search's scheduler rungs.
     """
 
     datasets: dict[str, DatasetMeta]
@@ -48,6 +51,7 @@ class WorkerPlan:
     stage1_dir: str | None
     stream_keys: tuple[str, ...] = ()
     run_test: bool = True
+    checkpoint_epochs: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +72,7 @@ class WorkerPlan:
             stage1_dir=raw["stage1_dir"],
             stream_keys=tuple(raw["stream_keys"]),
             run_test=bool(raw["run_test"]),
+            checkpoint_epochs=tuple(raw.get("checkpoint_epochs", ())),
         )
 
 
@@ -135,6 +140,59 @@ class Diverged(Exception):
         super().__init__(self.reason)
 
 
+class WorkerSession(Protocol):
+    """What the worker loop needs from whatever runs it: its data, its last checkpoint, and a
+    way to report an epoch. A TorchTrainer worker uses :class:`TrainSession`; a one-worker
+    trial that runs the loop inside its Tune trial uses the search layer's session."""
+
+    def dataset(self, key: str) -> Any:
+        """This worker's shard of dataset ``key`` (anything with ``iter_batches``)."""
+
+    def checkpoint(self) -> Any:
+        """The checkpoint to resume from (anything with ``as_directory()``), or None."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """Report one epoch's metrics, with the checkpoint written to ``checkpoint_dir``."""
+
+
+class TrainSession:
+    """A Ray Train worker of a ``TorchTrainer``: ``ray.train``'s shards, checkpoints, reports."""
+
+    def dataset(self, key: str) -> Any:  # noqa: D102
+        return ray.train.get_dataset_shard(key)
+
+    def checkpoint(self) -> Any:  # noqa: D102
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:  # noqa: D102
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        # Every rank calls report (it is a barrier); only rank 0 attaches a checkpoint.
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def resolve_precision(precision: str, device: torch.device) -> dict[str, Any]:
+    """``amp_dtype`` and ``channels_last`` of a :class:`WorkerEnv` for ``resources.precision``.
+
+    Raises:
+        DtlrayError: fp16 on a CPU (its autocast computes in bfloat16; use bf16 or fp32).
+    """
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    elif precision == "bf16":
+        dtype = torch.bfloat16
+    elif precision == "fp16":
+        if not cuda:
+            raise DtlrayError(
+                "resources.precision=fp16 needs a GPU (CPU autocast runs in bfloat16); use bf16 "
+                "or fp32 on CPU, or auto"
+            )
+        dtype = torch.float16
+    else:
+        dtype = None
+    return {"amp_dtype": dtype, "channels_last": cuda}
+
+
 def _say(line: str) -> None:
     # Not print(): Ray Train V2 patches print in workers to log through the root logger as
     # well, and a worker whose stdout Ray wraps then prints every line twice (stdout + stderr).
@@ -152,7 +210,10 @@ class WorkerEnv:
     seed: int
     image_size: int
     channels: int
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
+    channels_last: bool = False  # NHWC tensors (the fast layout for convolutions on GPUs)
     log: Callable[[str], None] = field(default=_say)
+    session: WorkerSession | None = None  # None: evaluation outside any trial
 
 
 @dataclass
@@ -174,9 +235,8 @@ class StreamingSplit:
     meta: DatasetMeta
 
 
-def read_shard(key: str, meta: DatasetMeta) -> InMemorySplit:
-    """Decode this worker's shard of dataset ``key`` into memory (uint8, stored size)."""
-    shard = ray.train.get_dataset_shard(key)
+def read_shard(shard: Any, meta: DatasetMeta) -> InMemorySplit:
+    """Decode this worker's ``shard`` of a dataset into memory (uint8, stored size)."""
     images, labels = [], []
     for batch in shard.iter_batches(batch_size=_DECODE_BATCH_ROWS, batch_format="pyarrow"):
         images.append(decode_uint8(batch["image"], meta.image_shape))
@@ -188,18 +248,20 @@ def read_shard(key: str, meta: DatasetMeta) -> InMemorySplit:
 
 
 def train_source(
-    task: TaskSpec, spec: StageSpec, stream_keys: tuple[str, ...]
+    task: TaskSpec, spec: StageSpec, stream_keys: tuple[str, ...], env: WorkerEnv
 ) -> InMemorySplit | StreamingSplit:
     if task.train_key in stream_keys:
         if len(spec.tasks) != 1:
             raise RuntimeError("streaming train data is supported for single-task stages only")
         return StreamingSplit(task.train_key, task.meta)
-    return read_shard(task.train_key, task.meta)
+    assert env.session is not None
+    return read_shard(env.session.dataset(task.train_key), task.meta)
 
 
 def model_input(images: torch.Tensor, env: WorkerEnv, augment: bool) -> torch.Tensor:
     x = to_model_input(images.to(env.device, non_blocking=True), env.image_size, env.channels)
-    return _augment(x) if augment else x
+    x = _augment(x) if augment else x
+    return x.contiguous(memory_format=torch.channels_last) if env.channels_last else x
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +292,8 @@ def step_batches(
     batch_size = spec.optim.batch_size
     if len(spec.tasks) == 1 and isinstance(data[spec.tasks[0].name], StreamingSplit):
         task = spec.tasks[0]
-        shard = ray.train.get_dataset_shard(task.train_key)
+        assert env.session is not None
+        shard = env.session.dataset(task.train_key)
         for batch in shard.iter_batches(
             batch_size=batch_size,
             batch_format="pyarrow",

@@ -121,7 +121,7 @@ def _eval_per_worker(config: dict) -> None:
         fusion_width=32,
         heads={"digits": meta.num_classes},
     )
-    shard = read_shard("val", meta)
+    shard = read_shard(ray.train.get_dataset_shard("val"), meta)
     acc, loss = evaluate(model, (task,), {"digits": shard}, env)["digits"]
     seen = torch.tensor([len(shard)])
     if env.world_size > 1:

@@ -68,7 +68,12 @@ def test_search_shares_stage1_and_every_trial_reports(
     # Each of the 3 hits saved what the one miss spent computing stage 1.
     spent = misses[0].metrics["stage1/compute_seconds"]
     assert spent > 0
-    assert saved["stage1"] == {"hits": 3, "misses": 1, "seconds_saved": pytest.approx(3 * spent)}
+    assert saved["stage1"] == {
+        "hits": 3,
+        "misses": 1,
+        "scratch": 0,
+        "seconds_saved": pytest.approx(3 * spent),
+    }
 
     assert json.loads((Path(results.experiment_path) / "space.json").read_text())["search"]
     _dashboard_serves_trials(Path(results.experiment_path), study_name="shared", trials=4)

@@ -133,3 +133,70 @@ def test_a_non_finite_loss_ends_the_epoch_as_diverged() -> None:
     assert (err.stage, err.epoch) == ("finetune", 1)
     assert "step 1: the training loss is nan" in err.reason
     assert "lower the learning rate (stage2.lr=10, e.g. to 1)" in err.reason
+
+
+def test_precision_resolves_per_device_and_fp16_needs_a_gpu() -> None:
+    from dtlray.errors import DtlrayError
+    from dtlray.worker import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == {"amp_dtype": None, "channels_last": False}
+    assert resolve_precision("fp32", cpu)["amp_dtype"] is None
+    assert resolve_precision("bf16", cpu)["amp_dtype"] == torch.bfloat16
+    with pytest.raises(DtlrayError, match="fp16 needs a GPU.*use bf16 or fp32 on CPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(Exception, match="resources.precision"):
+        TrialConfig.from_flat({"resources.precision": "fp8"})
+
+
+def test_bf16_epochs_train_on_cpu_and_checkpoints_resume_in_any_precision() -> None:
+    from dtlray.train_loop import train_one_epoch
+    from dtlray.worker import InMemorySplit, WorkerEnv, resolve_precision
+
+    cfg = TrialConfig.from_flat(
+        {
+            "stage2.batch_size": 8,
+            "model.fusion_width": 16,
+            "data.image_size": 16,
+            "data.channels": 1,
+            "data.targets": ["faces"],
+        }
+    )
+    spec = finetune_stage(cfg, METAS)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 25, 25), dtype=torch.uint8, generator=generator)
+    data = {"faces": InMemorySplit(images, torch.randint(0, 2, (32,), generator=generator))}
+    cpu = torch.device("cpu")
+
+    def env(precision: str) -> WorkerEnv:
+        return WorkerEnv(0, 1, cpu, 0, 16, 1, **resolve_precision(precision, cpu))
+
+    model = _model(cfg, spec.heads)
+    optimizer = build_optimizer(model, spec)
+    stats = train_one_epoch(model, model, spec, data, optimizer, 0, env("bf16"))
+    assert np.isfinite(stats["train/loss"]) and stats["train/samples_per_s"] > 0
+    # Weights stay fp32 under autocast: a bf16 checkpoint resumes in fp32, and back.
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    resumed = _model(cfg, spec.heads)
+    resumed.load_state_dict(state["model"])
+    resumed_opt = build_optimizer(resumed, spec)
+    resumed_opt.load_state_dict(state["optimizer"])
+    for precision in ("fp32", "bf16"):
+        stats = train_one_epoch(resumed, resumed, spec, data, resumed_opt, 1, env(precision))
+        assert np.isfinite(stats["train/loss"])
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [("every_epoch", [1, 2, 3, 4, 5, 6]), ("end", [6]), ("auto", [2, 4, 6])],
+)
+def test_checkpoints_only_where_something_resumes_from_them(policy: str, expected: list) -> None:
+    from dtlray.train_loop import CHECKPOINT_INTERVAL_S, _checkpoint_now
+    from dtlray.worker import WorkerPlan
+
+    cfg = TrialConfig.from_flat({"stage2.epochs": 6, "resources.checkpoint": policy})
+    plan = WorkerPlan(datasets={}, stage1_mode="none", stage1_dir=None, checkpoint_epochs=(2, 4))
+    assert [e for e in range(1, 7) if _checkpoint_now(cfg, plan, e, 1.0)] == expected
+    # auto also saves once a minute of training is unsaved (a restart would lose real work).
+    assert _checkpoint_now(cfg, plan, 3, CHECKPOINT_INTERVAL_S) == (policy != "end")
