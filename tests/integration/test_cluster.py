@@ -147,9 +147,11 @@ def test_ray_up_submit_down_on_a_local_cluster(data_root: Path, tmp_path: Path) 
     best = json.loads((storage / "smoke" / "best.json").read_text())
     assert best["objective"]["metric"] == "target/val_acc"
     assert 0.0 <= best["objective"]["value"] <= 1.0
-    # The worker node trained: the head has 1 CPU for the trial drivers, so every Ray Train
-    # worker runs on 127.0.0.3, and Ray prefixes its output with that address.
-    assert re.search(r"\(RayTrainWorker pid=\d+, ip=127\.0\.0\.3\)", output)
+    # The worker node trained: a one-worker trial trains in its Tune trial process (a
+    # multi-worker one in Ray Train workers), and Ray prefixes a remote process's output with
+    # its node's address.
+    trained_there = r"\((?:run_trial_fn|RayTrainWorker) pid=\d+, ip=127\.0\.0\.3\).*finetune epoch"
+    assert re.search(trained_there, output), output[-6000:]
 
     # Tidied up: the run directory is gone, and no process of the cluster or its sshd is left.
     started = re.search(r"run directory (/tmp/dtlc\.\w+); .* GCS at (127\.0\.0\.2:\d+)", output)
