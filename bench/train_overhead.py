@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import platform
@@ -322,6 +321,8 @@ class DtlrayRun:
 def run_dtlray(cfg: TrialConfig, storage: str) -> DtlrayRun:
     """Build and run the trial on the running Ray; collect every epoch's report."""
     reports_file = os.path.join(storage, "reports.jsonl")
+    # Report times are read off each report's checkpoint: this side checkpoints every epoch.
+    cfg = TrialConfig.from_flat({"resources.checkpoint": "every_epoch"}, base=cfg)
     start = time.perf_counter()
     trainer, _ = build_trainer(
         cfg,
@@ -367,6 +368,7 @@ class SearchTrialRun:
     epochs: list[EpochStats]
     between_reports: list[float]  # seconds from one report to the next (Tune's time_this_iter_s)
     wall: float  # tuner.fit() call to its result
+    trial_total: float  # Tune's time_total_s of the last report: trial start to last report
 
 
 def run_search_trial(cfg: TrialConfig, storage: str) -> SearchTrialRun:
@@ -397,7 +399,8 @@ def run_search_trial(cfg: TrialConfig, storage: str) -> SearchTrialRun:
         )
         for r in rows
     ]
-    return SearchTrialRun(epochs, [r["time_this_iter_s"] for r in rows], wall)
+    between = [r["time_this_iter_s"] for r in rows]
+    return SearchTrialRun(epochs, between, wall, rows[-1]["time_total_s"])
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -474,6 +477,10 @@ def print_search_trial(
     # typical epoch's part outside it).
     typical = statistics.median(outside)
     fixed = trial.wall - sum(trial.between_reports[1:]) - trial.epochs[0].seconds - typical
+    # Inside the trial: its start to the first report, less epoch 1's train pass and a typical
+    # epoch's rest. Around it: Tune before the trial starts and after its last report.
+    setup = trial.between_reports[0] - trial.epochs[0].seconds - typical
+    around = trial.wall - trial.trial_total
     plain_wall = plain_setup + sum(e.seconds for e in before)
     print("\none-worker search trial (dtlray tune, 1 trial, FIFO): call to result")
     print(
@@ -481,7 +488,12 @@ def print_search_trial(
         f"wall (set-up + the same epochs) {plain_wall:.2f} s"
     )
     print(
-        f"  fixed cost (wall minus the epochs) {fixed:.2f} s; per epoch outside the train pass "
+        f"  fixed cost (wall minus the epochs) {fixed:.2f} s = the trial's set-up (imports, data, "
+        f"model, stage 1 plan) {setup:.2f} s + Tune around the trial (start, shut-down) "
+        f"{around:.2f} s"
+    )
+    print(
+        f"  per epoch outside the train pass "
         f"median {statistics.median(outside):.2f} s "
         f"[{', '.join(f'{o:.2f}' for o in outside)}]"
     )
@@ -517,20 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         before, plain_setup = run_plain(cfg, args.threads)
 
         print("dtlray trial on a private local Ray ...", flush=True)
-        ray.init(
-            address="local",
-            num_cpus=max(2, args.threads),
-            # Train V2's placement-group cleaner asks the State API whether the controller is
-            # alive. With the dashboard off, this cluster still advertises 127.0.0.1:8265 as its
-            # API server; another Ray instance's dashboard there answered "no such actor" and
-            # the cleaner removed the running trial's workers.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        # The Ray dtlray starts for itself (a private one, its dashboard on a free port); the
+        # trials' lines are not printed.
+        init_ray(None, num_cpus=max(2, args.threads), log_to_driver=False)
         try:
-            init_ray(None)  # Ray is up: this only applies dtlray's Ray Data settings
             dtlray = run_dtlray(cfg, os.path.join(tmp, "storage"))
             print("the same trial as a one-trial dtlray search ...", flush=True)
             search_trial = run_search_trial(cfg, os.path.join(tmp, "search"))

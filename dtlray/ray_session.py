@@ -145,24 +145,28 @@ def init_ray(address: str | None, *, verbose: bool = False, **local_options: Any
         url = f"http://127.0.0.1:{port}"
         # Set before ray.init: the raylet and every worker inherit this process's environment.
         os.environ["RAY_API_SERVER_ADDRESS"] = url
-        ray.init(
-            address="local",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            log_to_driver=True,  # rank 0's one line per epoch is the progress
-            logging_level=logging.WARNING,
-            **local_options,
-        )
+        options: dict[str, Any] = {
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+            "log_to_driver": True,  # rank 0's one line per epoch is the progress
+            "logging_level": logging.WARNING,
+        }
+        ray.init(address="local", **{**options, **local_options})
     if not verbose:
         _filter_worker_logs()
     return url
 
 
 def _quiet_driver_logs() -> None:
-    # The embedded Ray's token notice and Optuna's "study created" say nothing to act on.
+    # The embedded Ray's token notice, Optuna's "study created" and Tune's snapshot advice say
+    # nothing a user can act on.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
+    )
+    # Tune, when short trials end close together: advice about its own snapshot cadence.
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(
+        lambda record: "snapshotting has been triggered" not in record.getMessage()
     )
     import optuna
 

@@ -513,7 +513,7 @@ def _autocast(env: WorkerEnv) -> torch.autocast:
     return torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: TransferModel,
     tasks: tuple[TaskSpec, ...],
