@@ -488,9 +488,9 @@ def print_search_trial(
         f"wall (set-up + the same epochs) {plain_wall:.2f} s"
     )
     print(
-        f"  fixed cost (wall minus the epochs) {fixed:.2f} s = the trial's set-up (imports, data, "
-        f"model, stage 1 plan) {setup:.2f} s + Tune around the trial (start, shut-down) "
-        f"{around:.2f} s"
+        f"  fixed cost (wall minus the epochs) {fixed:.2f} s = the trial function's set-up (data, "
+        f"model, stage-1 plan) {setup:.2f} s + Tune around it (trial actor start with its "
+        f"imports, shut-down) {around:.2f} s"
     )
     print(
         f"  per epoch outside the train pass "
