@@ -64,8 +64,10 @@ import dtlray
 from dtlray.data import load_info, prepare_builtin
 from dtlray.experiment import STAGE1_CACHE_DIR as CACHE_DIR
 from dtlray.ray_session import init_ray
-from dtlray.search import TRIAL_DRIVER_CPU, build_searcher, derive_max_concurrent_trials
+from dtlray.search import derive_max_concurrent_trials
 from dtlray.search_space import SearchSpace, parse_space
+from dtlray.search_trial import TRIAL_DRIVER_CPU
+from dtlray.searcher import build_searcher
 from dtlray.stage1_cache import RECORD_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ stages in one trainer whose per-epoch reports reach Tune through ``TuneReportCal
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -16,14 +15,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import optuna
 import ray
-import torch
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
@@ -36,105 +30,13 @@ from dtlray.search_space import (
     check_searchable,
     load_space,
     parse_space,
-    to_optuna_distributions,
 )
-from dtlray.stage1_claims import stage1_claim, start_claims
-from dtlray.train_loop import run_worker
-from dtlray.trial import build_trainer, plan_trial, run_trainer, runs_in_trial, stage1_location
-from dtlray.trial_data import ArrowSplit, ensure_dataset
+from dtlray.search_trial import TRIAL_DRIVER_CPU, run_trial_fn, trial_resources
+from dtlray.searcher import build_searcher
+from dtlray.stage1_claims import start_claims
+from dtlray.trial_data import ensure_dataset
 
 log = logging.getLogger(__name__)
-
-# The Tune trial itself only waits on its trainer; its workers hold the real resources.
-TRIAL_DRIVER_CPU = 0.01
-
-
-class TrialStateOptunaSearch(OptunaSearch):
-    """Ray's ``OptunaSearch`` that records each trial's true state in the Optuna study.
-
-    Ray's searcher tells Optuna ``COMPLETE`` for every trial that reported the objective, so a
-    trial ASHA stopped after 3 of 8 epochs looks finished with its 3-epoch value; TPE then takes
-    that value as final. Here a trial that ran all its planned finetune epochs is ``COMPLETE``; one
-    stopped before (ASHA) or that diverged is ``PRUNED`` with its per-epoch values as intermediate
-    values — TPE ranks pruned trials below every completed one (by epochs reached, then value);
-    one that failed is ``FAIL``.
-
-    Args:
-        fixed_epochs: the finetune epochs of a trial that does not search ``stage2.epochs``.
-        kwargs: everything ``OptunaSearch`` takes.
-    """
-
-    def __init__(self, *, fixed_epochs: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._fixed_epochs = fixed_epochs
-        self._reported_steps: dict[str, set[int]] = {}
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:  # noqa: D102
-        super().on_trial_result(trial_id, result)
-        self._reported_steps.setdefault(trial_id, set()).add(int(result[TRAINING_ITERATION]))
-
-    def on_trial_complete(  # noqa: D102
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if error or not result or ot_trial is None or trial_id in self._completed_trials:
-            super().on_trial_complete(trial_id, result=result, error=error)
-            return
-        planned = int(ot_trial.params.get("stage2.epochs", self._fixed_epochs))
-        diverged = bool(result.get(DIVERGED_METRIC))
-        if not diverged and int(result.get("epoch", 0)) >= planned:
-            super().on_trial_complete(trial_id, result=result, error=error)
-            return
-        # Tune does not pass the result that made ASHA stop the trial to on_trial_result:
-        # record it as the last intermediate value before pruning.
-        step = result.get(TRAINING_ITERATION)
-        value = result.get(self.metric)
-        if step is not None and value is not None:
-            if int(step) not in self._reported_steps.get(trial_id, set()):
-                ot_trial.report(float(value), int(step))
-        if diverged:
-            ot_trial.set_user_attr("dtlray_status", "diverged")
-        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
-        self._reported_steps.pop(trial_id, None)
-
-
-def build_searcher(
-    space: SearchSpace, study_name: str, study_storage: str | None = None
-) -> OptunaSearch:
-    """Optuna TPE (seeded) or Optuna's random sampler, optionally with a persistent study."""
-    if space.searcher.type == "optuna":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-            seed=space.searcher.seed, n_startup_trials=space.searcher.n_startup_trials
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=space.searcher.seed)
-    storage = None
-    if study_storage is not None:
-        storage = _optuna_storage(study_storage)
-    return TrialStateOptunaSearch(
-        fixed_epochs=space.trial.stage2.epochs,
-        space=to_optuna_distributions(space),
-        metric=space.objective.metric,
-        mode=space.objective.mode,
-        sampler=sampler,
-        study_name=study_name,
-        storage=storage,
-        # Start from the space's defaults: a known-reasonable point anchors the search.
-        points_to_evaluate=[space.default_values()],
-    )
-
-
-def _optuna_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.endswith((".log", ".jsonl")) and "://" not in url:
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-    try:
-        return optuna.storages.RDBStorage(url)
-    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as err:
-        raise DtlrayError(
-            f"--study-storage {url!r}: {err}; use an SQLAlchemy URL such as "
-            "sqlite:///study.db, or a path ending in .log for a journal file"
-        ) from None
 
 
 def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
@@ -147,21 +49,6 @@ def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
         grace_period=space.grace_period,
         reduction_factor=space.scheduler.reduction_factor,
     )
-
-
-def rung_epochs(space: SearchSpace) -> tuple[int, ...]:
-    """The finetune epochs at which ASHA decides on a trial (none for FIFO).
-
-    The same milestones as Ray's ``ASHAScheduler``: ``grace_period * reduction_factor**k`` up to
-    ``max_t``. A trial it stops ends with the report of such an epoch.
-    """
-    if space.scheduler.type != "asha":
-        return ()
-    rungs, milestone = [], float(space.grace_period)
-    while milestone <= space.max_epochs:
-        rungs.append(math.ceil(milestone))
-        milestone *= space.scheduler.reduction_factor
-    return tuple(rungs)
 
 
 def derive_max_concurrent_trials(space: SearchSpace) -> int:
@@ -190,100 +77,6 @@ def derive_max_concurrent_trials(space: SearchSpace) -> int:
             fit,
         )
     return min(wanted, fit)
-
-
-class TrialSession:
-    """The worker loop's session when a one-worker trial runs it in the Tune trial itself.
-
-    A one-worker ``TorchTrainer`` costs ~25 s of fixed start-up here (controller, worker group,
-    dataset coordinators) against epochs of ~1 s; running the same loop in the trial's own
-    process skips all of it. Reports go to Tune (one result per epoch, so ASHA acts on them),
-    checkpoints are persisted by Tune into the trial directory, and a restarted trial
-    (``tune.FailureConfig``) resumes from the last one.
-
-    Args:
-        datasets: the trial's splits by key, as Arrow tables in this process.
-    """
-
-    def __init__(self, datasets: Mapping[str, ArrowSplit]) -> None:
-        self._datasets = dict(datasets)
-
-    def dataset(self, key: str) -> ArrowSplit:  # noqa: D102
-        return self._datasets[key]
-
-    def checkpoint(self) -> tune.Checkpoint | None:  # noqa: D102
-        return tune.get_checkpoint()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:  # noqa: D102
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
-
-
-def run_trial_fn(
-    sampled: dict[str, Any],
-    space_dict: dict[str, Any],
-    storage_path: str,
-    experiment: str,
-    reuse_stage1: bool = True,
-) -> None:
-    """One Tune trial: rebuild the typed config, settle stage 1, run the worker loop — in this
-    process for one worker, else in a ``TorchTrainer`` worker group (DDP)."""
-    space = parse_space(space_dict, source="<space>")
-    cfg = space.trial_config(sampled)
-    trial_id = tune.get_context().get_trial_id()
-    experiment_path = ExperimentDir.at(storage_path, experiment).path
-    # Without reuse (for measuring what reuse saves) each trial keeps its stage 1 to itself.
-    stage1_root = storage_path if reuse_stage1 else f"{experiment_path}/no-reuse/{trial_id}"
-    location = stage1_location(cfg, stage1_root)
-    claim = (
-        stage1_claim(storage_path, location[0], location[1], holder=trial_id)
-        if location is not None and reuse_stage1
-        else contextlib.nullcontext(None)
-    )
-    rungs = rung_epochs(space)  # a stopped trial's last report must have its checkpoint
-    with claim as stage1_mode:
-        if runs_in_trial(cfg):
-            trial = plan_trial(
-                cfg,
-                storage_path=stage1_root,
-                run_test=False,
-                stage1_mode=stage1_mode,
-                in_process=True,
-                checkpoint_epochs=rungs,
-            )
-            # The trial holds the worker's resources (see _trial_resources): a GPU if asked.
-            device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-            run_worker(trial.worker_config, TrialSession(trial.datasets), device=device)
-            return
-        trainer, _ = build_trainer(
-            cfg,
-            storage_path=stage1_root,
-            run_storage_path=experiment_path,
-            # Stable per trial: a retried or restored trial resumes its own Train run.
-            run_name=f"train-{trial_id}",
-            callbacks=[TuneReportCallback()],
-            run_test=False,  # the search chooses on validation only; test is for the winner
-            stage1_mode=stage1_mode,
-            checkpoint_epochs=rungs,
-        )
-        run_trainer(trainer)
-
-
-def _trial_resources(space_dict: dict[str, Any], config: dict[str, Any]) -> Any:
-    """A one-worker trial holds its worker's CPUs (and GPU); a multi-worker one only a sliver
-    for its driver, its worker group reserving the rest."""
-    cfg = parse_space(space_dict, source="<space>").trial_config(
-        {k: v for k, v in config.items() if k in space_dict.get("search", {})}
-    )
-    if not runs_in_trial(cfg):
-        return tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])
-    use_gpu = cfg.resources.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    bundle = {"CPU": cfg.resources.cpus_per_worker}
-    if use_gpu:
-        bundle["GPU"] = 1
-    return tune.PlacementGroupFactory([bundle])
 
 
 def resolve_space(
@@ -432,7 +225,7 @@ def _trainable(space: SearchSpace, experiment: ExperimentDir, reuse_stage1: bool
             experiment=experiment.name,
             reuse_stage1=reuse_stage1,
         ),
-        functools.partial(_trial_resources, space_dict),
+        functools.partial(trial_resources, space_dict),
     )
 
 

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dtlray.checkpoints import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_META,
+    DIVERGED_FILE,
+    Resume,
+    checkpoint_now,
+    diverged_report,
+    load_resume,
+)
 from dtlray.config import StageConfig, TrialConfig
 from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE
 from dtlray.models import TransferModel, load_trunk
@@ -60,9 +69,6 @@ from dtlray.worker import (
     train_source,
 )
 
-CHECKPOINT_FILE = "state.pt"
-CHECKPOINT_META = "meta.json"
-DIVERGED_FILE = "diverged.json"  # the checkpoint of a diverged trial holds only this
 _EVAL_BATCH_ROWS = 512
 
 
@@ -125,12 +131,12 @@ def run_worker(
         model = model.to(memory_format=torch.channels_last)
 
     checkpoint = session.checkpoint()
-    diverged = _diverged_report(checkpoint)
+    diverged = diverged_report(checkpoint)
     if diverged is not None:
         # Restarted after the trial diverged: say so again, train nothing.
         session.report(diverged)
         return
-    resume = _load_resume(checkpoint)
+    resume = load_resume(checkpoint)
     stage1: Stage1Outcome | None = None
     if resume is not None:
         model.load_state_dict(resume.model_state)
@@ -143,7 +149,7 @@ def run_worker(
         nonlocal last_checkpoint
         assert stage1 is not None
         metrics = {**metrics, **stage1.metrics()}
-        if not _checkpoint_now(cfg, plan, epoch + 1, time.monotonic() - last_checkpoint):
+        if not checkpoint_now(cfg, plan, epoch + 1, time.monotonic() - last_checkpoint):
             session.report(metrics)
             return
         last_checkpoint = time.monotonic()
@@ -196,37 +202,6 @@ def run_worker(
             session.report(metrics, tmp if env.rank == 0 else None)
 
 
-CHECKPOINT_INTERVAL_S = 60.0  # resources.checkpoint=auto: at most this much training unsaved
-
-
-def _checkpoint_now(cfg: TrialConfig, plan: WorkerPlan, epoch: int, unsaved_s: float) -> bool:
-    """Whether finetune ``epoch`` (from 1) writes a checkpoint (only rank 0 writes one).
-
-    A checkpoint costs a model + optimizer save (86 MB for a ResNet-18) and, on object storage,
-    an upload; it is worth it only where something can resume from it: the end (the chosen
-    trial's test evaluation reads it), a scheduler rung (a stopped trial's last report), or
-    enough unsaved training that a restart would lose real work.
-    """
-    policy = cfg.resources.checkpoint
-    if policy == "every_epoch" or epoch == cfg.stage2.epochs:
-        return True
-    if policy == "end":
-        return False
-    return epoch in plan.checkpoint_epochs or unsaved_s >= CHECKPOINT_INTERVAL_S
-
-
-def _diverged_report(checkpoint: Any) -> dict[str, Any] | None:
-    """The metrics of a trial that diverged, when ``checkpoint`` is its verdict."""
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as path:
-        verdict = os.path.join(path, DIVERGED_FILE)
-        if not os.path.isfile(verdict):
-            return None
-        with open(verdict) as f:
-            return json.load(f)
-
-
 _NAN_EVAL = (math.nan, math.nan)
 _NAN_TRAIN = {
     "train/loss": math.nan,
@@ -270,34 +245,13 @@ def _run_or_load_stage1(
 # -- one stage ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Resume:
-    model_state: dict[str, Any]
-    optimizer_state: dict[str, Any]
-    scheduler_state: dict[str, Any]
-    meta: dict[str, Any]
-    scaler_state: dict[str, Any] | None = None  # fp16 only
-
-
-def _load_resume(checkpoint: Any) -> _Resume | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as path:
-        state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
-        with open(os.path.join(path, CHECKPOINT_META)) as f:
-            meta = json.load(f)
-    return _Resume(
-        state["model"], state["optimizer"], state["scheduler"], meta, state.get("scaler")
-    )
-
-
 def run_stage(
     spec: StageSpec,
     model: TransferModel,
     env: WorkerEnv,
     *,
     stream_keys: tuple[str, ...] = (),
-    resume: _Resume | None = None,
+    resume: Resume | None = None,
     on_epoch_end: Callable[[int, dict[str, Any], dict[str, Any]], None] | None = None,
     run_test: bool = False,
 ) -> dict[str, float]:

@@ -8,8 +8,7 @@ import yaml
 
 from dtlray.cli import main
 from dtlray.errors import DtlrayError
-from dtlray.search import to_optuna_distributions
-from dtlray.search_space import load_space, parse_space
+from dtlray.search_space import load_space, parse_space, to_optuna_distributions
 
 SPACES = sorted(Path("search_spaces").glob("*.yaml"))
 

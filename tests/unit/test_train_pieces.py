@@ -192,11 +192,11 @@ def test_bf16_epochs_train_on_cpu_and_checkpoints_resume_in_any_precision() -> N
     [("every_epoch", [1, 2, 3, 4, 5, 6]), ("end", [6]), ("auto", [2, 4, 6])],
 )
 def test_checkpoints_only_where_something_resumes_from_them(policy: str, expected: list) -> None:
-    from dtlray.train_loop import CHECKPOINT_INTERVAL_S, _checkpoint_now
+    from dtlray.checkpoints import CHECKPOINT_INTERVAL_S, checkpoint_now
     from dtlray.worker import WorkerPlan
 
     cfg = TrialConfig.from_flat({"stage2.epochs": 6, "resources.checkpoint": policy})
     plan = WorkerPlan(datasets={}, stage1_mode="none", stage1_dir=None, checkpoint_epochs=(2, 4))
-    assert [e for e in range(1, 7) if _checkpoint_now(cfg, plan, e, 1.0)] == expected
+    assert [e for e in range(1, 7) if checkpoint_now(cfg, plan, e, 1.0)] == expected
     # auto also saves once a minute of training is unsaved (a restart would lose real work).
-    assert _checkpoint_now(cfg, plan, 3, CHECKPOINT_INTERVAL_S) == (policy != "end")
+    assert checkpoint_now(cfg, plan, 3, CHECKPOINT_INTERVAL_S) == (policy != "end")
