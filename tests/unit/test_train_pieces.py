@@ -104,25 +104,32 @@ def test_label_budget_is_stratified_seeded_and_keeps_every_class() -> None:
     assert len(select_label_budget(labels, None, None, seed=0)) == len(labels)
 
 
-def test_a_non_finite_loss_ends_the_epoch_as_diverged() -> None:
-    from dtlray.train_loop import Diverged, train_one_epoch
-    from dtlray.worker import InMemorySplit, WorkerEnv
+def _faces_epoch(**flat: object):
+    """A tiny one-task finetune: its config, stage, and 32 random 25x25 faces-shaped images."""
+    from dtlray.worker import InMemorySplit
 
     cfg = TrialConfig.from_flat(
         {
-            "stage2.lr": 10.0,
             "stage2.batch_size": 8,
             "model.fusion_width": 16,
             "data.image_size": 16,
             "data.channels": 1,
             "data.targets": ["faces"],
+            **flat,
         }
     )
-    spec = finetune_stage(cfg, METAS)
-    model = _model(cfg, spec.heads)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 1, 25, 25), dtype=torch.uint8, generator=generator)
     data = {"faces": InMemorySplit(images, torch.randint(0, 2, (32,), generator=generator))}
+    return cfg, finetune_stage(cfg, METAS), data
+
+
+def test_a_non_finite_loss_ends_the_epoch_as_diverged() -> None:
+    from dtlray.train_loop import Diverged, train_one_epoch
+    from dtlray.worker import WorkerEnv
+
+    cfg, spec, data = _faces_epoch(**{"stage2.lr": 10.0})
+    model = _model(cfg, spec.heads)
     env = WorkerEnv(0, 1, torch.device("cpu"), 0, image_size=16, channels=1)
     # A model whose weights are already non-finite: the first step's loss is NaN.
     with torch.no_grad():
@@ -151,21 +158,9 @@ def test_precision_resolves_per_device_and_fp16_needs_a_gpu() -> None:
 
 def test_bf16_epochs_train_on_cpu_and_checkpoints_resume_in_any_precision() -> None:
     from dtlray.train_loop import train_one_epoch
-    from dtlray.worker import InMemorySplit, WorkerEnv, resolve_precision
+    from dtlray.worker import WorkerEnv, resolve_precision
 
-    cfg = TrialConfig.from_flat(
-        {
-            "stage2.batch_size": 8,
-            "model.fusion_width": 16,
-            "data.image_size": 16,
-            "data.channels": 1,
-            "data.targets": ["faces"],
-        }
-    )
-    spec = finetune_stage(cfg, METAS)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (32, 1, 25, 25), dtype=torch.uint8, generator=generator)
-    data = {"faces": InMemorySplit(images, torch.randint(0, 2, (32,), generator=generator))}
+    cfg, spec, data = _faces_epoch()
     cpu = torch.device("cpu")
 
     def env(precision: str) -> WorkerEnv:
