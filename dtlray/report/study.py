@@ -106,8 +106,8 @@ def build_study(exp: Experiment) -> optuna.Study:
     )
     for trial in exp.trials:
         value = trial.value(exp.metric)
-        if value is None and trial.status_text != "error":
-            continue
+        if value is None and trial.status_text not in ("error", "diverged"):
+            continue  # unfinished, nothing reported yet
         params = {k: _param_value(v) for k, v in trial.params.items() if k in exp.distributions}
         state = optuna.trial.TrialState
         if trial.diverged or trial.stopped_early:

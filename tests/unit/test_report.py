@@ -57,6 +57,7 @@ class FakeTrial:
     status: str = "TERMINATED"
     error: str | None = None
     reports_mode: bool = True  # False: a trial from before `stage1/mode` existed
+    diverged: bool = False  # its last report is the worker loop's divergence verdict
 
 
 def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
@@ -94,6 +95,13 @@ def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
                 "iterations_since_restore": epoch,
             }
         )
+    if trial.diverged:  # the one report of a trial whose loss went non-finite: NaN metrics
+        nan = float("nan")
+        rows[-1].update(
+            {k: nan for k, v in rows[-1].items() if k.startswith(("target/", "train/"))}
+        )
+        reason = f"diverged in finetune epoch {len(rows)}, step 1: the training loss is nan"
+        rows[-1].update({"diverged": True, "diverged/reason": reason, "done": True})
     return rows
 
 
@@ -741,3 +749,17 @@ def test_importing_the_module_loads_neither_ray_nor_optuna() -> None:
         "sys.exit(1 if {'torch', 'ray', 'optuna', 'matplotlib'} & set(sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_a_diverged_trial_is_shown_as_diverged_not_as_a_low_score(tmp_path: Path) -> None:
+    trials = [*standard_trials(), FakeTrial("dead0001", p(1, 0.09, 1.0), [0.2], diverged=True)]
+    exp = load_experiment(write_experiment(tmp_path / "exp", trials))
+    (dead,) = [t for t in exp.trials if t.trial_id == "dead0001"]
+    assert dead.status_text == "diverged" and dead.diverged
+    assert dead.value(exp.metric) is None  # no score at all, not a low one
+    assert exp.ranked()[-1].trial_id in {"dead0001", "c0ffee00"}  # ranked with no value
+    state = {t.user_attrs["tune_trial_id"]: t.state for t in build_study(exp).trials}
+    assert state["dead0001"] == optuna.trial.TrialState.PRUNED
+    md = (build_report(exp.path) / "report.md").read_text()
+    (row,) = [r for r in _table_rows(md, "All trials") if "dead0001" in r[1]]
+    assert row[-1] == "diverged"
