@@ -40,6 +40,21 @@ def checkpoint_now(cfg: TrialConfig, plan: WorkerPlan, epoch: int, unsaved_s: fl
     return epoch in plan.checkpoint_epochs or unsaved_s >= CHECKPOINT_INTERVAL_S
 
 
+def write_checkpoint(
+    directory: str, state: dict[str, Any], meta: dict[str, Any], cfg: TrialConfig
+) -> None:
+    """Write a finetune checkpoint (``state.pt`` + ``meta.json`` with the trial config)."""
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+    with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
+        json.dump({**meta, "config": cfg.to_dict()}, f, indent=1)
+
+
+def write_verdict(directory: str, metrics: dict[str, Any]) -> None:
+    """Write a diverged trial's checkpoint: its last report, and no weights."""
+    with open(os.path.join(directory, DIVERGED_FILE), "w") as f:
+        json.dump(metrics, f, indent=1)
+
+
 def diverged_report(checkpoint: Any) -> dict[str, Any] | None:
     """The metrics of a trial that diverged, when ``checkpoint`` is its verdict."""
     if checkpoint is None:

@@ -127,9 +127,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     overrides = parse_overrides(args.overrides)
     budget = {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials}
+    storage_path = resolve_storage_path(args.storage_path)
+    experiment = ExperimentDir.at(storage_path, args.name or default_name(space.name))
     # Bad input fails here, in one line, before Ray starts.
     if args.resume:
-        started_space(ExperimentDir.at(args.storage_path, args.name), overrides=overrides, **budget)
+        started_space(experiment, overrides=overrides, **budget)
     else:
         check_searchable(space, args.space)
         check_datasets(resolve_space(space, overrides=overrides))
@@ -137,8 +139,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         # Tune's console (status tables, its experiment banner) gives way to dtlray's lines;
         # with the new output engine even verbose=0 prints a banner.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    storage_path = resolve_storage_path(args.storage_path)
-    experiment = ExperimentDir.at(storage_path, args.name or default_name(space.name))
     dashboard = init_ray(args.address, verbose=args.verbose)
     if dashboard:
         print(f"Ray dashboard: {dashboard}", flush=True)
@@ -233,7 +233,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dtlray.config import TrialConfig
     from dtlray.experiment import default_name, resolve_storage_path
-    from dtlray.metrics import DIVERGED_METRIC
+    from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON
     from dtlray.ray_session import init_ray
     from dtlray.search_space import load_space
     from dtlray.trial import build_trainer, run_trainer
@@ -253,7 +253,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run_trainer(trainer)
     metrics = result.metrics or {}
     if metrics.get(DIVERGED_METRIC):
-        print(f"\ndtlray train: {metrics.get('diverged/reason')}", file=sys.stderr)
+        print(f"\ndtlray train: {metrics[DIVERGED_REASON]}", file=sys.stderr)
         print(f"results: {result.path}")
         return 1
     print("\nfinal metrics:")

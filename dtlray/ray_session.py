@@ -159,8 +159,7 @@ def init_ray(address: str | None, *, verbose: bool = False, **local_options: Any
 
 
 def _quiet_driver_logs() -> None:
-    # The embedded Ray's token notice, Optuna's "study created" and Tune's snapshot advice say
-    # nothing a user can act on.
+    # The embedded Ray's token notice and Tune's snapshot advice say nothing a user can act on.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )
@@ -168,9 +167,6 @@ def _quiet_driver_logs() -> None:
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(
         lambda record: "snapshotting has been triggered" not in record.getMessage()
     )
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _filter_worker_logs() -> None:

@@ -1,9 +1,9 @@
-"""Tuner construction: searcher, scheduler, resources, storage — the only module using Ray Tune.
+"""Tuner construction: searcher, scheduler, resources, storage, resume and the best trial.
 
-A trial is the function :func:`run_trial_fn` (Train V2's pattern: a Tune function that builds and
-fits a ``TorchTrainer``). Tune samples the searched keys; the trial rebuilds the typed config from
-the space's fixed values plus that sample, claims or reuses the stage-1 result, and runs both
-stages in one trainer whose per-epoch reports reach Tune through ``TuneReportCallback``.
+A trial is :func:`dtlray.search_trial.run_trial_fn`: Tune samples the searched keys; the trial
+rebuilds the typed config from the space as started plus that sample, claims or reuses the
+stage-1 result, and runs the worker loop (in its own process for one worker, in a
+``TorchTrainer`` for more). The searcher is :mod:`dtlray.searcher`.
 """
 
 from __future__ import annotations
@@ -185,9 +185,9 @@ def build_tuner(
             num_samples=space.num_samples,
             # Without this Tune runs a non-default searcher one trial at a time.
             max_concurrent_trials=derive_max_concurrent_trials(space),
-            # No actor reuse: a trial that ASHA stops is still blocked in trainer.fit(), so Tune
-            # cannot reset its actor (it fails the next trial); a new actor costs ~1 s against
-            # a trial's tens of seconds, and killing the old one is what ends its Train run.
+            # No actor reuse: a stopped trial is still busy (in trainer.fit(), or mid-epoch in its
+            # own loop) when Tune would reset its actor, and a failed reset fails the next
+            # trial; killing the old actor is what ends its work at once.
             reuse_actors=False,
         ),
         run_config=_run_config(space, experiment, verbose),
@@ -244,12 +244,10 @@ def started_space(
     Raises:
         DtlrayError: nothing restorable there, or an option that changes the started search.
     """
-    if not experiment.has_space() and not experiment.is_local:
-        raise DtlrayError(f"no restorable dtlray experiment at {experiment.path!r}")
-    if experiment.is_local and not os.path.isdir(experiment.path):
+    if not experiment.has_space():
         raise DtlrayError(
             f"no restorable experiment at {experiment.path!r}; pass the --storage-path and "
-            "--name of the interrupted run"
+            "--name of the interrupted run (its directory holds space.json)"
         )
     space = experiment.read_space()
     asked = resolve_space(

@@ -66,12 +66,12 @@ class SearchProgress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         self._print(f"[search] trial {self._number(trials, trial)} {self._ending(trial)}")
-        self._progress(trials)
+        self._progress(trials, just_ended=trial, failed=False)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         where = f" (traceback: {trial.path}/error.txt)" if trial.path else ""
         self._print(f"[search] trial {self._number(trials, trial)} failed{where}")
-        self._progress(trials)
+        self._progress(trials, just_ended=trial, failed=True)
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any):
         if time.monotonic() - self._last_progress >= PROGRESS_EVERY_S:
@@ -97,21 +97,29 @@ class SearchProgress(tune.Callback):
             return f"stopped early at epoch {epoch}/{planned}: {shown}"
         return f"finished {planned} epochs: {shown}"
 
-    def _progress(self, trials: Sequence[Trial]) -> None:
+    def _progress(
+        self, trials: Sequence[Trial], just_ended: Trial | None = None, failed: bool = False
+    ) -> None:
+        # Tune calls the end hooks before it changes the trial's status: ``just_ended`` (and
+        # whether it ``failed``) says what the hook was told.
         self._last_progress = time.monotonic()
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        running = sum(1 for t in trials if t.status == "RUNNING")
+
+        def is_error(t: Trial) -> bool:
+            return failed if t is just_ended else t.status == "ERROR"
+
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is just_ended]
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not just_ended)
         pending = self._num_samples - len(ended) - running
-        failed = sum(1 for t in trials if t.status == "ERROR")
+        errors = sum(1 for t in ended if is_error(t))
         diverged = sum(1 for t in ended if (t.last_result or {}).get(DIVERGED_METRIC))
         stopped = sum(
             1
             for t in ended
-            if t.status == "TERMINATED"
+            if not is_error(t)
             and not (t.last_result or {}).get(DIVERGED_METRIC)
             and int((t.last_result or {}).get("epoch", 0)) < self._planned_epochs(t)
         )
-        counts = ((stopped, "stopped early"), (failed, "failed"), (diverged, "diverged"))
+        counts = ((stopped, "stopped early"), (errors, "failed"), (diverged, "diverged"))
         notes = [f"{n} {what}" for n, what in counts if n]
         done = f"{len(ended)}/{self._num_samples} done" + (
             f" ({', '.join(notes)})" if notes else ""

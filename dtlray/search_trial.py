@@ -20,7 +20,14 @@ from dtlray.experiment import ExperimentDir
 from dtlray.search_space import SearchSpace, parse_space
 from dtlray.stage1_claims import stage1_claim
 from dtlray.train_loop import run_worker
-from dtlray.trial import build_trainer, plan_trial, run_trainer, runs_in_trial, stage1_location
+from dtlray.trial import (
+    build_trainer,
+    plan_trial,
+    resolve_use_gpu,
+    run_trainer,
+    runs_in_trial,
+    stage1_location,
+)
 from dtlray.trial_data import ArrowSplit
 
 # A multi-worker trial's own process only waits on its trainer; its workers hold the resources.
@@ -127,10 +134,7 @@ def trial_resources(space_dict: dict[str, Any], config: dict[str, Any]) -> Any:
     )
     if not runs_in_trial(cfg):
         return tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])
-    use_gpu = cfg.resources.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     bundle = {"CPU": cfg.resources.cpus_per_worker}
-    if use_gpu:
+    if resolve_use_gpu(cfg):
         bundle["GPU"] = 1
     return tune.PlacementGroupFactory([bundle])

@@ -70,6 +70,8 @@ def build_searcher(
     space: SearchSpace, study_name: str, study_storage: str | None = None
 ) -> OptunaSearch:
     """Optuna TPE (seeded) or Optuna's random sampler, optionally with a persistent study."""
+    # Optuna's INFO lines ("A new study created ...") repeat what dtlray tune prints.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if space.searcher.type == "optuna":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
             seed=space.searcher.seed, n_startup_trials=space.searcher.n_startup_trials

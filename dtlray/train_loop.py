@@ -15,9 +15,7 @@ Correctness under DDP:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -33,13 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtlray.checkpoints import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_META,
-    DIVERGED_FILE,
     Resume,
     checkpoint_now,
     diverged_report,
     load_resume,
+    write_checkpoint,
+    write_verdict,
 )
 from dtlray.config import StageConfig, TrialConfig
 from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE
@@ -109,15 +106,16 @@ def run_worker(
     """
     cfg = TrialConfig.from_dict(worker_config["trial"])
     plan = WorkerPlan.from_dict(worker_config["plan"])
+    device = device or torch.device("cpu")
     env = WorkerEnv(
         rank=rank,
         world_size=world_size,
-        device=device or torch.device("cpu"),
+        device=device,
         seed=cfg.seed,
         image_size=cfg.data.image_size,
         channels=cfg.data.channels,
         session=session,
-        **resolve_precision(cfg.resources.precision, device or torch.device("cpu")),
+        **resolve_precision(cfg.resources.precision, device),
     )
     # Threads = the CPUs Ray gave this worker: oversubscribing 2 cores with 2 workers x N threads
     # costs far more than it gains, and a fixed count keeps one-worker runs reproducible.
@@ -140,12 +138,12 @@ def run_worker(
     stage1: Stage1Outcome | None = None
     if resume is not None:
         model.load_state_dict(resume.model_state)
-        stage1 = Stage1Outcome.from_checkpoint(resume.meta["stage1"])
+        stage1 = Stage1Outcome(**resume.meta["stage1"])
         env.log(f"[dtlray] resuming finetune at epoch {resume.meta['epoch'] + 1}")
 
     last_checkpoint = time.monotonic()
 
-    def report(epoch: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    def report(epoch: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
         nonlocal last_checkpoint
         assert stage1 is not None
         metrics = {**metrics, **stage1.metrics()}
@@ -156,9 +154,7 @@ def run_worker(
         meta = {"epoch": epoch, "stage1": asdict(stage1), "metrics": metrics}
         with tempfile.TemporaryDirectory() as tmp:
             if env.rank == 0:
-                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-                with open(os.path.join(tmp, CHECKPOINT_META), "w") as f:
-                    json.dump({**meta, "config": cfg.to_dict()}, f, indent=1)
+                write_checkpoint(tmp, state(), meta, cfg)
             # Every rank reports (a barrier under DDP); only rank 0 attaches the checkpoint.
             session.report(metrics, tmp if env.rank == 0 else None)
 
@@ -197,8 +193,7 @@ def run_worker(
             metrics.update(stage1.metrics())
         with tempfile.TemporaryDirectory() as tmp:
             if env.rank == 0:
-                with open(os.path.join(tmp, DIVERGED_FILE), "w") as f:
-                    json.dump(metrics, f, indent=1)
+                write_verdict(tmp, metrics)
             session.report(metrics, tmp if env.rank == 0 else None)
 
 
@@ -252,7 +247,7 @@ def run_stage(
     *,
     stream_keys: tuple[str, ...] = (),
     resume: Resume | None = None,
-    on_epoch_end: Callable[[int, dict[str, Any], dict[str, Any]], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
     run_test: bool = False,
 ) -> dict[str, float]:
     """Train ``model`` through one stage; return the last epoch's metrics (per task too).
@@ -263,7 +258,8 @@ def run_stage(
         env: where this worker runs.
         stream_keys: train keys to stream each epoch instead of keeping in memory.
         resume: a finetune checkpoint to continue from.
-        on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch.
+        on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch; ``state()``
+            builds the checkpoint state, only when one is written.
         run_test: evaluate the test splits after the last epoch.
     """
     train_data = {t.name: train_source(t, spec, stream_keys, env) for t in spec.tasks}
@@ -319,13 +315,17 @@ def run_stage(
             )
             env.log(f"[dtlray] {spec.name} epoch {epoch + 1}/{spec.optim.epochs}: {shown}")
         if on_epoch_end is not None:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-            }
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
+
+            def state() -> dict[str, Any]:
+                saved = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
+                if scaler is not None:
+                    saved["scaler"] = scaler.state_dict()
+                return saved
+
             on_epoch_end(epoch, metrics, state)
     _set_backbone_frozen(model, False)
     return metrics

@@ -54,18 +54,31 @@ class TrialPlan:
     """What a trial's workers run: the plan they follow and the datasets they read.
 
     Attributes:
-        worker_config: the loop's argument, ``{"trial": ..., "plan": WorkerPlan.to_dict()}``.
+        cfg: the trial.
         plan: the workers' plan.
         datasets: Ray Datasets by key (the label budget applied).
         train_keys: the keys sharded across workers (the train splits).
         use_gpu: whether the trial trains on GPUs (``auto`` resolved against the cluster).
     """
 
-    worker_config: dict[str, Any]
+    cfg: TrialConfig
     plan: WorkerPlan
     datasets: dict[str, ray.data.Dataset | ArrowSplit]
     train_keys: tuple[str, ...]
     use_gpu: bool
+
+    @property
+    def worker_config(self) -> dict[str, Any]:
+        """The worker loop's argument: ``{"trial": ..., "plan": ...}`` as plain dicts."""
+        return {"trial": self.cfg.to_dict(), "plan": self.plan.to_dict()}
+
+
+def resolve_use_gpu(cfg: TrialConfig) -> bool:
+    """Whether the trial trains on GPUs: ``resources.use_gpu``, ``auto`` meaning "the cluster
+    has some" (asked now: an autoscaling cluster may add them later, see the README)."""
+    if cfg.resources.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.resources.use_gpu)
 
 
 def runs_in_trial(cfg: TrialConfig) -> bool:
@@ -154,18 +167,15 @@ def plan_trial(
         run_test=run_test,
         checkpoint_epochs=tuple(sorted(checkpoint_epochs)),
     )
-    use_gpu = cfg.resources.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     stages = [finetune_stage(cfg, plan.datasets)]
     if mode == "compute":
         stages.append(pretrain_stage(cfg, plan.datasets))
     return TrialPlan(
-        worker_config={"trial": cfg.to_dict(), "plan": plan.to_dict()},
+        cfg=cfg,
         plan=plan,
         datasets=datasets,
         train_keys=tuple(k for s in stages for k in s.train_keys() if k in datasets),
-        use_gpu=bool(use_gpu),
+        use_gpu=resolve_use_gpu(cfg),
     )
 
 

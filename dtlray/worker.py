@@ -72,7 +72,7 @@ class WorkerPlan:
             stage1_dir=raw["stage1_dir"],
             stream_keys=tuple(raw["stream_keys"]),
             run_test=bool(raw["run_test"]),
-            checkpoint_epochs=tuple(raw.get("checkpoint_epochs", ())),
+            checkpoint_epochs=tuple(raw["checkpoint_epochs"]),
         )
 
 
@@ -92,16 +92,6 @@ class Stage1Outcome:
     source_val_acc: float | None
     seconds: float
     compute_seconds: float
-
-    @classmethod
-    def from_checkpoint(cls, meta: Mapping[str, Any]) -> Stage1Outcome:
-        """Rebuild from a finetune checkpoint's ``meta.json`` (older ones have no ``mode``)."""
-        if "mode" in meta:
-            return cls(**meta)
-        source = meta["source_val_acc"]
-        scratch = source is None or (isinstance(source, float) and math.isnan(source))
-        mode = "reused" if meta["cache_hit"] else ("scratch" if scratch else "computed")
-        return cls(mode, None if scratch else source, meta["seconds"], meta["compute_seconds"])
 
     def metrics(self) -> dict[str, Any]:
         """The stage-1 metrics of every finetune report; a scratch trial claims no stage 1."""

@@ -48,6 +48,7 @@ def test_diverging_trial_ends_at_once_and_states_are_true(data_root: Path, tmp_p
     assert "Reporting training result" not in out
     assert "Trial status:" not in out and "Configuration for experiment" not in out
     assert "[search] trial 1/5" in out and "best target/val_acc" in out
+    assert "[search] 5/5 done" in out and "0 running, 0 pending" in out  # the last trial counted
     assert "DIVERGED: diverged in finetune epoch 1" in out and "lower the learning rate" in out
 
     experiment = storage / "console"
