@@ -16,16 +16,21 @@ from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, read_split_table
 from dtlray.experiment import filesystem
 from dtlray.stages import build_model, finetune_stage
-from dtlray.train_loop import evaluate
 from dtlray.trial_data import ensure_dataset, metas_for
-from dtlray.worker import InMemorySplit, WorkerEnv
+from dtlray.worker import WorkerEnv, model_input
+
+_BATCH_ROWS = 512
 
 
-def evaluate_checkpoint(checkpoint_path: str, split: str = "test") -> dict[str, float]:
-    """Accuracy of a finetune checkpoint on ``split`` of every target.
+def evaluate_checkpoint(
+    checkpoint_path: str, split: str = "test"
+) -> tuple[dict[str, float], dict[str, dict[str, list[int]]]]:
+    """Accuracy of a finetune checkpoint on ``split`` of every target, and its predictions.
 
     Returns:
-        ``{"target/<task>/<split>_acc": ..., "target/<split>_acc": mean over tasks}``.
+        ``(metrics, predictions)``: ``{"target/<task>/<split>_acc": ..., "target/<split>_acc":
+        mean over tasks}`` and ``{task: {"label": [...], "pred": [...]}}`` in the split's row
+        order (what a paired comparison with another model on the same images needs).
     """
     fs, root = filesystem(checkpoint_path)
     with fs.open_input_stream(f"{root}/{CHECKPOINT_META}") as f:
@@ -45,15 +50,28 @@ def evaluate_checkpoint(checkpoint_path: str, split: str = "test") -> dict[str, 
         image_size=cfg.data.image_size,
         channels=cfg.data.channels,
     )
-    model.to(env.device)
-    data = {}
+    model.to(env.device).eval()
+    predictions = {}
     for task in spec.tasks:
         table = read_split_table(infos[task.name], split)
-        data[task.name] = InMemorySplit(
-            decode_uint8(table.column("image"), task.meta.image_shape),
-            torch.from_numpy(table.column("label").to_numpy().astype("int64")),
-        )
-    results = evaluate(model, spec.tasks, data, env)
-    metrics = {f"target/{name}/{split}_acc": acc for name, (acc, _) in results.items()}
-    metrics[f"target/{split}_acc"] = sum(acc for acc, _ in results.values()) / len(results)
-    return metrics
+        images = decode_uint8(table.column("image"), task.meta.image_shape)
+        preds = []
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], _BATCH_ROWS):
+                x = model_input(images[start : start + _BATCH_ROWS], env, augment=False)
+                preds.append(model(x)[task.name].argmax(dim=1).cpu())
+        predictions[task.name] = {
+            "label": table.column("label").to_numpy().astype("int64").tolist(),
+            "pred": torch.cat(preds).tolist() if preds else [],
+        }
+    metrics = {f"target/{name}/{split}_acc": accuracy(p) for name, p in predictions.items()}
+    metrics[f"target/{split}_acc"] = sum(metrics.values()) / len(metrics)
+    return metrics, predictions
+
+
+def accuracy(predictions: dict[str, list[int]]) -> float:
+    """The share of ``predictions["pred"]`` equal to ``predictions["label"]``."""
+    labels, preds = predictions["label"], predictions["pred"]
+    if not labels:
+        raise ValueError("no examples to score")
+    return sum(a == b for a, b in zip(labels, preds, strict=True)) / len(labels)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STORAGE_PATH = "~/dtlray_results"
 SPACE_FILE = "space.json"
 BEST_FILE = "best.json"
+PREDICTIONS_FILE = "test_predictions.json"  # the best trial's test predictions, per image
 RUNNING_FILE = ".dtlray-running"
 STUDY_FILE = "optuna.db"
 BASELINE_DIR = "baseline"

@@ -22,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
 from dtlray.errors import DtlrayError
-from dtlray.experiment import ExperimentDir, default_name
+from dtlray.experiment import PREDICTIONS_FILE, ExperimentDir, default_name, write_json
 from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE
 from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
@@ -404,7 +404,14 @@ def summarize_best(
     if checkpoint_path:
         from dtlray.evaluate import evaluate_checkpoint
 
-        test = ray.get(ray.remote(num_cpus=1)(evaluate_checkpoint).remote(checkpoint_path))
+        test, predictions = ray.get(
+            ray.remote(num_cpus=1)(evaluate_checkpoint).remote(checkpoint_path)
+        )
         summary["test"] = test
+        # Per image, for the report's paired comparison with the scratch baseline.
+        write_json(
+            experiment.file(PREDICTIONS_FILE),
+            {"trial_id": summary["trial_id"], "split": "test", "tasks": predictions},
+        )
     experiment.write_best(summary)
     return summary

@@ -1,4 +1,4 @@
-"""``dtlray report EXPERIMENT [--baseline] [--address ADDR] [--top-k K]``."""
+"""``dtlray report EXPERIMENT [--baseline] [--baseline-seeds N] [--address ADDR] [--top-k K]``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Write <EXPERIMENT>/report/ (report.md, report.html and PNG plots): all "
         "trials, the best configuration with its val and test accuracy per target, "
         "optimization history, parameter importances, learning curves, stage-1 reuse, and the "
-        "transfer gain over training the best configuration from scratch.",
+        "transfer gain over training the best configuration from scratch, with a 95% confidence "
+        "interval (paired bootstrap over the test images and the scratch seeds).",
     )
     p.add_argument(
         "experiment", metavar="EXPERIMENT", help="the experiment directory (<storage-path>/<name>)"
@@ -33,6 +34,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--baseline",
         action="store_true",
         help="train the from-scratch baseline when it is missing (needs Ray)",
+    )
+    p.add_argument(
+        "--baseline-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="scratch baseline runs, one per seed, for the gain's confidence interval "
+        "(default 1; implies --baseline when more are needed than stored)",
     )
     p.add_argument("--address", help="Ray cluster address for --baseline (default: local Ray)")
     p.add_argument(
@@ -48,7 +57,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     out = build_report(
-        args.experiment, baseline=args.baseline, address=args.address, top_k=args.top_k
+        args.experiment,
+        baseline=args.baseline or args.baseline_seeds > 1,
+        baseline_seeds=args.baseline_seeds,
+        address=args.address,
+        top_k=args.top_k,
     )
     print(f"report: {out / 'report.html'}\n        {out / 'report.md'}")
     return 0

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,17 @@ from dtlray.report.records import (
     load_experiment,
 )
 from dtlray.report.study import build_study, param_importances
-from dtlray.report.transfer import load_baseline, scratch_config, stage1_summary, transfer_gain
+from dtlray.report.transfer import (
+    CONFIDENCE,
+    GainRow,
+    finetuned_predictions,
+    gain_intervals,
+    load_baseline,
+    scratch_config,
+    stage1_summary,
+    transfer_gain,
+    transfer_summary,
+)
 
 DEFAULT_TOP_K = 5
 
@@ -49,20 +59,29 @@ DEFAULT_TOP_K = 5
 class _Baseline:
     record: dict[str, Any] | None
     missing_reason: str = ""
+    rows: list[GainRow] = field(default_factory=list)
+    split: str = "test"
+    no_interval: str = ""  # why the gains have no confidence interval
 
 
 def build_report(
     experiment: str | os.PathLike[str],
     *,
     baseline: bool = False,
+    baseline_seeds: int = 1,
     address: str | None = None,
     top_k: int = DEFAULT_TOP_K,
 ) -> Path:
     """Write ``<experiment>/report/`` (Markdown, HTML, PNGs); return that directory.
 
+    With a scratch baseline, each target's transfer gain gets a confidence interval, and the
+    gain table is stored in ``best.json`` as its ``transfer`` entry.
+
     Args:
         experiment: the experiment directory (``<storage-path>/<name>``).
         baseline: train the scratch baseline when it is missing (needs Ray).
+        baseline_seeds: scratch runs (seeds) the baseline should have; ``baseline`` trains the
+            missing ones.
         address: Ray cluster address for the baseline (default: embedded local Ray).
         top_k: how many trials get a coloured learning curve.
 
@@ -72,16 +91,44 @@ def build_report(
     """
     if top_k < 1:
         raise DtlrayError(f"--top-k must be at least 1, got {top_k}")
+    if baseline_seeds < 1:
+        raise DtlrayError(f"--baseline-seeds must be at least 1, got {baseline_seeds}")
     exp = load_experiment(check_experiment_dir(experiment))
     expected = scratch_config(exp.best)
     record, why = load_baseline(exp.path, expected)
-    if record is None and baseline:
+    if baseline and (record is None or len(record["runs"]) < baseline_seeds):
         trial_id = str(exp.best.get("trial_id"))
-        record, why = run_baseline(exp.path, expected, trial_id, address), ""
+        record = run_baseline(
+            exp.path, expected, trial_id, address, seeds=baseline_seeds, stored=record
+        )
+        why = ""
     base = _Baseline(record, why)
+    if record is not None:
+        base.rows, base.split, base.no_interval = _gain_rows(exp, record)
+        exp.best["transfer"] = transfer_summary(base.rows, base.split, len(record["runs"]))
+        ExperimentDir(str(exp.path)).write_best(exp.best)
     out = Path(ExperimentDir(str(exp.path)).report_dir)
     _write_atomically(out, lambda tmp: _write_report(exp, base, top_k, tmp))
     return out
+
+
+def _gain_rows(exp: Experiment, record: Mapping[str, Any]) -> tuple[list[GainRow], str, str]:
+    """The gain table's rows (with intervals where per-image test predictions exist), the split
+    compared, and why there are no intervals (empty when there are)."""
+    best = exp.best
+    targets = list(best["config"]["data"]["targets"])
+    finetuned: Mapping[str, float] = best.get("test", {})
+    split = "test"
+    if not all(f"target/{t}/test_acc" in finetuned for t in targets):
+        finetuned, split = best.get("val", {}), "val"
+    intervals, why = None, f"{BEST_FILE} has no test accuracy"
+    if split == "test":
+        predictions, why = finetuned_predictions(exp.path, best)
+        if predictions is not None:
+            scratch = [run["predictions"] for run in record["runs"]]
+            intervals = gain_intervals(targets, predictions, scratch)
+    rows = transfer_gain(targets, finetuned, record["metrics"], split=split, intervals=intervals)
+    return rows, split, why
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
@@ -231,7 +278,6 @@ def _best_section(exp: Experiment) -> list[Block]:
 
 def _gain_section(exp: Experiment, base: _Baseline) -> list[Block]:
     best = exp.best
-    targets = list(best["config"]["data"]["targets"])
     epochs = best.get("epochs")
     blocks: list[Block] = [Heading("Transfer gain")]
     if base.record is None:
@@ -243,42 +289,59 @@ def _gain_section(exp: Experiment, base: _Baseline) -> list[Block]:
             )
         )
         return blocks
-    finetuned: Mapping[str, float] = best.get("test", {})
-    split = "test"
-    if not all(f"target/{t}/test_acc" in finetuned for t in targets):
-        finetuned, split = best.get("val", {}), "val"
-    rows = transfer_gain(targets, finetuned, base.record["metrics"], split=split)
+    rows, split = base.rows, base.split
+    seeds = len(base.record["runs"])
+    level = f"{CONFIDENCE:.0%}"
     table_rows = []
     for row in rows:
         name = "**mean**" if row is rows[-1] else row.target
-        flag = "**yes**" if row.negative else "no"
+        ci = "—" if row.ci_pp is None else f"{row.ci_pp[0]:+.1f} to {row.ci_pp[1]:+.1f}"
+        verdict = f"**{row.verdict}**" if row.verdict.endswith(" transfer") else row.verdict
         table_rows.append(
-            (name, _acc(row.finetuned), _acc(row.scratch), f"{row.gain_pp:+.1f}", flag)
+            (name, _acc(row.finetuned), _acc(row.scratch), f"{row.gain_pp:+.1f}", ci, verdict)
         )
+    scratch_col = f"from scratch ({split} acc" + (f", mean of {seeds} seeds)" if seeds > 1 else ")")
     blocks.append(
         Table(
             header=(
                 "target",
                 f"finetuned from stage 1 ({split} acc)",
-                f"from scratch ({split} acc)",
+                scratch_col,
                 "gain (pp)",
-                "negative transfer",
+                f"{level} CI (pp)",
+                "transfer",
             ),
             rows=tuple(table_rows),
-            align="lrrrl",
+            align="lrrrrl",
             caption=f"Best configuration finetuned from stage 1 vs the same configuration "
             f"trained from scratch on the targets, at matched epochs ({epochs} finetune "
-            f"epoch(s) each). Gain in percentage points; negative transfer: gain < 0.",
+            f"epoch(s) each). Gain in percentage points. CI: a paired bootstrap over the "
+            f"{split} images (both models predict the same ones) and the scratch run's "
+            f"{seeds} seed(s); transfer is called only where the interval excludes 0.",
         )
     )
     if split == "val":
         blocks.append(Note(f"{BEST_FILE} has no test accuracy; validation accuracy is compared."))
-    negative = [r.target for r in rows[:-1] if r.negative]
-    if negative:
+    if base.no_interval and any(r.ci_pp is None for r in rows):
+        blocks.append(Note(f"No confidence intervals: {base.no_interval}."))
+    for verdict in ("negative transfer", "positive transfer"):
+        named = [r.target for r in rows[:-1] if r.verdict == verdict]
+        if named:
+            what = "hurt" if verdict.startswith("negative") else "helped"
+            blocks.append(
+                Paragraph(
+                    f"{verdict.capitalize()} on {', '.join(named)}: pretraining on "
+                    f"{best['config']['data']['source']} {what} there ({level} CI excludes 0)."
+                )
+            )
+    unclear = [r.target for r in rows[:-1] if r.verdict == "no significant difference"]
+    if unclear:
         blocks.append(
             Paragraph(
-                f"Negative transfer on {', '.join(negative)}: pretraining on "
-                f"{best['config']['data']['source']} hurt there."
+                f"No significant difference on {', '.join(unclear)}: the interval includes 0, "
+                f"so these {split} images cannot tell the two apart (how many there are bounds "
+                "how narrow the interval can get; more scratch seeds, `--baseline-seeds N`, "
+                "firm up the scratch side)."
             )
         )
     return blocks

@@ -11,7 +11,7 @@ from PIL import Image
 
 import dtlray
 from dtlray.baseline import BASELINE_FILE
-from dtlray.experiment import BASELINE_DIR, SPACE_FILE
+from dtlray.experiment import BASELINE_DIR, PREDICTIONS_FILE, SPACE_FILE
 from dtlray.report import main_args
 from dtlray.report.plots import PLOTS
 from dtlray.search import summarize_best
@@ -63,14 +63,32 @@ def test_report_of_a_real_search_with_its_scratch_baseline(
     for target in ("digits", "faces"):
         assert 0.0 <= baseline["metrics"][f"target/{target}/test_acc"] <= 1.0
 
-    # The gain table has numbers: finetuned, scratch, gain, flag per target and the mean.
+    # The gain table has numbers: finetuned, scratch, gain, its 95% CI and the verdict per
+    # target and the mean, from per-image predictions of both models on the same test images.
+    predictions = json.loads((exp / PREDICTIONS_FILE).read_text())
+    assert predictions["trial_id"] == best["trial_id"]
+    for target in ("digits", "faces"):
+        scored = predictions["tasks"][target]
+        right = sum(a == b for a, b in zip(scored["label"], scored["pred"], strict=True))
+        assert right / len(scored["label"]) == pytest.approx(
+            best["test"][f"target/{target}/test_acc"]
+        )
+        assert baseline["runs"][0]["predictions"][target]["label"] == scored["label"]
     section = md.split("## Transfer gain\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split(" | ") for line in section.splitlines() if line[:2] == "| "]
     assert [r[0].strip() for r in rows[2:]] == ["digits", "faces", "**mean**"]
+    stored = json.loads((exp / "best.json").read_text())["transfer"]
     for row in rows[2:]:
         finetuned, scratch, gain = (float(c) for c in row[1:4])
         assert abs((finetuned - scratch) * 100 - gain) <= 0.1  # shown rounded
-        assert row[4].strip() in ("no", "**yes**")
+        low, high = (float(x) for x in row[4].split(" to "))
+        assert low - 0.05 <= gain <= high + 0.05
+        verdict = row[5].strip().strip("*")
+        assert verdict == ("positive transfer" if low > 0 else "negative transfer" if high < 0
+                           else "no significant difference")  # fmt: skip
+        name = row[0].strip().strip("*")
+        entry = stored["mean"] if name == "mean" else stored["targets"][name]
+        assert entry["verdict"] == verdict
     assert "matched epochs (2 finetune epoch(s) each)" in section
     assert "1 trial(s) pretrained stage 1" in md and "1 reused a stored stage 1" in md
 
@@ -79,3 +97,13 @@ def test_report_of_a_real_search_with_its_scratch_baseline(
     assert main_args([str(exp), "--baseline"]) == 0
     assert sorted(p.name for p in (exp / BASELINE_DIR).iterdir() if p.is_dir()) == runs
     assert json.loads((exp / BASELINE_DIR / BASELINE_FILE).read_text()) == baseline
+
+    # More seeds: only the missing one trains; the first run is kept as it was.
+    assert main_args([str(exp), "--baseline-seeds", "2"]) == 0
+    two = json.loads((exp / BASELINE_DIR / BASELINE_FILE).read_text())
+    assert [r["seed"] for r in two["runs"]] == [0, 1]
+    assert two["runs"][0] == baseline["runs"][0]
+    assert two["runs"][1]["predictions"]["faces"]["label"] == predictions["tasks"]["faces"]["label"]
+    md = (out / "report.md").read_text()
+    assert "from scratch (test acc, mean of 2 seeds)" in md
+    assert json.loads((exp / "best.json").read_text())["transfer"]["baseline_seeds"] == 2

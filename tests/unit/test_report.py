@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -21,7 +22,7 @@ from PIL import Image
 from dtlray.baseline import BASELINE_FILE
 from dtlray.config import TrialConfig
 from dtlray.errors import DtlrayError
-from dtlray.experiment import BASELINE_DIR, RUNNING_FILE
+from dtlray.experiment import BASELINE_DIR, BEST_FILE, PREDICTIONS_FILE, RUNNING_FILE
 from dtlray.report import build_report, main_args, sections
 from dtlray.report import cli as report_cli
 from dtlray.report.plots import PLOTS, plot_curves
@@ -30,6 +31,7 @@ from dtlray.report.study import build_study, infer_distributions, param_importan
 from dtlray.report.transfer import (
     GainRow,
     Stage1Summary,
+    gain_intervals,
     load_baseline,
     scratch_config,
     stage1_summary,
@@ -217,20 +219,51 @@ def experiment(tmp_path: Path) -> Path:
     return write_experiment(tmp_path / "results" / "exp", standard_trials())
 
 
-def write_baseline(exp: Path, digits: float, faces: float, config: dict | None = None) -> None:
+def predictions(n: int, correct: range | list[int]) -> dict[str, list[int]]:
+    """Per-image predictions of ``n`` test images, right exactly on the indices ``correct``."""
+    labels = [i % 10 for i in range(n)]
+    right = set(correct)
+    return {
+        "label": labels,
+        "pred": [y if i in right else (y + 1) % 10 for i, y in enumerate(labels)],
+    }
+
+
+def write_baseline(
+    exp: Path,
+    digits: float,
+    faces: float,
+    config: dict | None = None,
+    runs: list[dict[str, dict[str, list[int]]]] | None = None,
+) -> None:
+    """A stored scratch baseline with these mean test accuracies and per-run predictions."""
     best = json.loads((exp / "best.json").read_text())
+    metrics = {
+        "target/digits/test_acc": digits,
+        "target/faces/test_acc": faces,
+        "target/test_acc": (digits + faces) / 2,
+    }
+    if runs is None:  # predictions that give these accuracies on 100 images per target
+        runs = [{"digits": predictions(100, range(round(digits * 100))),
+                 "faces": predictions(100, range(round(faces * 100)))}]  # fmt: skip
     record = {
         "trial_id": best["trial_id"],
         "config": config or scratch_config(best).to_dict(),
         "epochs": best["epochs"],
-        "metrics": {
-            "target/digits/test_acc": digits,
-            "target/faces/test_acc": faces,
-            "target/test_acc": (digits + faces) / 2,
-        },
+        "metrics": metrics,
+        "runs": [
+            {"seed": k, "metrics": metrics, "run_path": "x", "predictions": run}
+            for k, run in enumerate(runs)
+        ],
     }
     (exp / BASELINE_DIR).mkdir(exist_ok=True)
     (exp / BASELINE_DIR / BASELINE_FILE).write_text(json.dumps(record))
+
+
+def write_finetuned_predictions(exp: Path, tasks: dict[str, dict[str, list[int]]]) -> None:
+    best = json.loads((exp / "best.json").read_text())
+    payload = {"trial_id": best["trial_id"], "split": "test", "tasks": tasks}
+    (exp / PREDICTIONS_FILE).write_text(json.dumps(payload))
 
 
 def _table_rows(md: str, heading: str) -> list[list[str]]:
@@ -579,16 +612,66 @@ def test_an_unknown_stage1_mode_names_the_value_and_the_fix(tmp_path: Path) -> N
 # -- transfer gain -----------------------------------------------------------------------------
 
 
-def test_transfer_gain_math_and_negative_flag() -> None:
+def test_transfer_gain_math_and_verdicts() -> None:
     finetuned = {"target/digits/test_acc": 0.80, "target/faces/test_acc": 0.60}
     scratch = {"target/digits/test_acc": 0.50, "target/faces/test_acc": 0.70}
-    rows = transfer_gain(TARGETS, finetuned, scratch)
+    intervals = {"digits": (20.0, 40.0), "faces": (-25.0, 5.0), "mean": (1.0, 19.0)}
+    rows = transfer_gain(TARGETS, finetuned, scratch, intervals=intervals)
     assert [r.target for r in rows] == ["digits", "faces", "mean"]
-    assert rows[0].gain_pp == pytest.approx(30.0) and not rows[0].negative
-    assert rows[1].gain_pp == pytest.approx(-10.0) and rows[1].negative
-    assert rows[2] == GainRow("mean", pytest.approx(0.70), pytest.approx(0.60))
-    assert rows[2].gain_pp == pytest.approx(10.0) and not rows[2].negative
-    assert not GainRow("x", 0.5, 0.5).negative  # equal is no transfer, not negative transfer
+    assert rows[0].gain_pp == pytest.approx(30.0) and rows[0].verdict == "positive transfer"
+    # -10 pp, but the interval includes 0: not called negative transfer.
+    assert rows[1].gain_pp == pytest.approx(-10.0) and not rows[1].negative
+    assert rows[1].verdict == "no significant difference"
+    assert rows[2] == GainRow("mean", pytest.approx(0.70), pytest.approx(0.60), (1.0, 19.0))
+    assert GainRow("x", 0.4, 0.5, (-12.0, -8.0)).negative
+    assert GainRow("x", 0.4, 0.5).verdict == "no interval" and not GainRow("x", 0.4, 0.5).negative
+
+
+def test_gain_interval_is_the_paired_bootstrap() -> None:
+    """The count-drawing shortcut gives the interval of resampling image indices."""
+    rng = np.random.default_rng(1)
+    n = 200
+    ours_right = rng.random(n) < 0.8
+    theirs_right = np.where(rng.random(n) < 0.7, ours_right, ~ours_right)  # correlated
+    ours = predictions(n, list(np.flatnonzero(ours_right)))
+    theirs = predictions(n, list(np.flatnonzero(theirs_right)))
+    low, high = gain_intervals(["digits"], {"digits": ours}, [{"digits": theirs}])["digits"]
+    # The textbook paired bootstrap: resample image indices, score both on the same resample.
+    idx = rng.integers(n, size=(20_000, n))
+    naive = (ours_right[idx].mean(axis=1) - theirs_right[idx].mean(axis=1)) * 100
+    assert low == pytest.approx(np.percentile(naive, 2.5), abs=0.6)
+    assert high == pytest.approx(np.percentile(naive, 97.5), abs=0.6)
+    gain = (ours_right.mean() - theirs_right.mean()) * 100
+    assert low < gain < high
+
+
+def test_gain_interval_width_follows_the_evidence() -> None:
+    # One image apart on 30 faces: no test set that small can call it.
+    thirty = gain_intervals(
+        ["faces"], {"faces": predictions(30, range(27))}, [{"faces": predictions(30, range(26))}]
+    )["faces"]
+    assert thirty[0] <= 0 < thirty[1]
+    assert GainRow("faces", 0.9, 26 / 30, thirty).verdict == "no significant difference"
+    # Identical predictions: no difference at all, and not called transfer either way.
+    same = predictions(50, range(40))
+    assert gain_intervals(["faces"], {"faces": same}, [{"faces": same}])["faces"] == (0.0, 0.0)
+    assert GainRow("faces", 0.8, 0.8, (0.0, 0.0)).verdict == "no significant difference"
+    # Scratch seeds that disagree widen the interval beyond one seed's.
+    ours = {"digits": predictions(400, range(300))}
+    one = gain_intervals(["digits"], ours, [{"digits": predictions(400, range(240))}])["digits"]
+    two = gain_intervals(
+        ["digits"],
+        ours,
+        [{"digits": predictions(400, range(240))}, {"digits": predictions(400, range(160))}],
+    )["digits"]
+    assert two[1] - two[0] > 1.5 * (one[1] - one[0])
+
+
+def test_gain_interval_refuses_predictions_of_other_images() -> None:
+    ours = {"digits": predictions(10, range(5))}
+    theirs = {"digits": {"label": [1] * 10, "pred": [1] * 10}}
+    with pytest.raises(DtlrayError, match="digits test labels differ"):
+        gain_intervals(["digits"], ours, [theirs])
 
 
 def test_transfer_gain_names_the_missing_side() -> None:
@@ -623,17 +706,62 @@ def test_stored_baseline_must_match_the_best_config(experiment: Path) -> None:
     assert record is None and "another configuration" in why
 
 
-def test_gain_table_in_the_report(experiment: Path) -> None:
-    write_baseline(experiment, digits=0.50, faces=0.90)  # finetuned: 0.40 and 0.86
+def test_gain_table_in_the_report_with_intervals_and_in_best_json(experiment: Path) -> None:
+    # best.json says finetuned 0.40 (digits) and 0.86 (faces); the predictions agree.
+    write_finetuned_predictions(
+        experiment, {"digits": predictions(100, range(40)), "faces": predictions(100, range(86))}
+    )
+    # Scratch gets 10 more digits right (a clear loss) and 1 more face (too few to call).
+    write_baseline(experiment, digits=0.50, faces=0.87)
     md = (build_report(experiment) / "report.md").read_text()
     rows = _table_rows(md, "Transfer gain")
-    assert rows == [
-        ["digits", "0.4000", "0.5000", "-10.0", "**yes**"],
-        ["faces", "0.8600", "0.9000", "-4.0", "**yes**"],
-        ["**mean**", "0.6300", "0.7000", "-7.0", "**yes**"],
+    assert [r[:4] for r in rows] == [
+        ["digits", "0.4000", "0.5000", "-10.0"],
+        ["faces", "0.8600", "0.8700", "-1.0"],
+        ["**mean**", "0.6300", "0.6850", "-5.5"],
     ]
+    verdicts = [r[5] for r in rows]
+    assert verdicts == [
+        "**negative transfer**",
+        "no significant difference",
+        "**negative transfer**",
+    ]
+    for row in rows:
+        low, high = (float(x) for x in row[4].split(" to "))
+        assert low <= float(row[3]) <= high
     assert "at matched epochs (2 finetune epoch(s) each)" in md
-    assert "Negative transfer on digits, faces" in md
+    assert "Negative transfer on digits:" in md
+    assert "No significant difference on faces" in md
+    # The same table, intervals included, is stored in best.json.
+    best = json.loads((experiment / BEST_FILE).read_text())
+    transfer = best["transfer"]
+    assert transfer["confidence"] == 0.95 and transfer["baseline_seeds"] == 1
+    assert transfer["targets"]["faces"]["verdict"] == "no significant difference"
+    assert transfer["targets"]["digits"]["ci_pp"][1] < 0
+    assert transfer["mean"]["gain_pp"] == pytest.approx(-5.5)
+    html = (experiment / "report" / "report.html").read_text()
+    assert "95% CI (pp)" in html and "no significant difference" in html
+
+
+def test_gain_table_without_predictions_calls_nothing(experiment: Path) -> None:
+    write_baseline(experiment, digits=0.50, faces=0.90)  # the best's checkpoint is gone
+    md = (build_report(experiment) / "report.md").read_text()
+    rows = _table_rows(md, "Transfer gain")
+    assert [r[4:] for r in rows] == [["—", "no interval"]] * 3
+    assert "No confidence intervals: the best trial's checkpoint is gone" in md
+    assert "Negative transfer" not in md
+
+
+def test_an_old_baseline_without_predictions_is_not_used(experiment: Path) -> None:
+    write_baseline(experiment, digits=0.50, faces=0.90)
+    path = experiment / BASELINE_DIR / BASELINE_FILE
+    record = json.loads(path.read_text())
+    del record["runs"]
+    path.write_text(json.dumps(record))
+    record, why = load_baseline(
+        experiment, scratch_config(json.loads((experiment / BEST_FILE).read_text()))
+    )
+    assert record is None and "no per-image test predictions" in why
 
 
 def test_without_a_baseline_the_report_says_how_to_get_one(experiment: Path) -> None:
