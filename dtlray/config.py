@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -118,14 +119,32 @@ class StageConfig(_Section):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    schedule: Literal["cosine", "wsd", "constant", "step"] = "cosine"
     step_epochs: int = Field(default=1, ge=1, description="For schedule: step.")
     step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="For schedule: step.")
+    decay_fraction: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="For schedule: wsd (warmup-stable-decay): the share of the epochs (at least "
+        "one) over which the learning rate decays linearly to 0; before it, it stays constant.",
+    )
     augment: bool = Field(
         default=False,
         description="Per-sample random translation by up to 1/8 of the image side "
         "(reflection-padded) and a random horizontal flip.",
     )
+
+    @property
+    def decay_epochs(self) -> int:
+        """For ``wsd``: the final epochs whose learning rate decays (at least one)."""
+        return max(1, math.floor(self.epochs * self.decay_fraction + 0.5))
+
+    @property
+    def constant_epochs(self) -> int:
+        """The epochs before the decay, whose learning rate is constant (``wsd`` only; 0 for the
+        other schedules): a longer run with the same settings starts with the same ones."""
+        return self.epochs - self.decay_epochs if self.schedule == "wsd" else 0
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> StageConfig:
@@ -288,15 +307,35 @@ class TrialConfig(_Section):
         input size, the model architecture, the pretrain optimiser settings and the seed — and on
         nothing in stage 2, so trials that differ only in finetune settings share it.
         """
+        stage1 = self.stage1.model_dump(mode="json")
+        if self.stage1.schedule != "wsd":
+            stage1.pop("decay_fraction")  # only wsd reads it: other keys stay as they were
+        return self._stage1_hash(source_fingerprint, 1, stage1)
+
+    def stage1_tree_key(self, source_fingerprint: str) -> str | None:
+        """Hash of what changes stage 1's constant phase (``schedule: wsd``), or None.
+
+        The stage-1 key without the budget (``epochs``) and the decay: every budget of one
+        configuration runs the same constant-learning-rate epochs before its own decay, so a
+        longer budget can continue a shorter one's stored constant phase (the stage tree).
+        """
+        if self.stage1.schedule != "wsd":
+            return None
+        stage1 = self.stage1.model_dump(mode="json")
+        for budget_only in ("epochs", "decay_fraction", "step_epochs", "step_gamma"):
+            stage1.pop(budget_only)
+        return self._stage1_hash(source_fingerprint, "tree-1", stage1)
+
+    def _stage1_hash(self, source_fingerprint: str, version: Any, stage1: dict[str, Any]) -> str:
         part = {
-            "version": 1,
+            "version": version,
             "source": self.data.source,
             "source_fingerprint": source_fingerprint,
             "source_max_rows": self.data.source_max_rows,
             "image_size": self.data.image_size,
             "channels": self.data.channels,
             "model": {**self.model.model_dump(mode="json"), "small_input": self.small_input},
-            "stage1": self.stage1.model_dump(mode="json"),
+            "stage1": stage1,
             "seed": self.seed,
         }
         blob = json.dumps(part, sort_keys=True).encode()

@@ -1,9 +1,12 @@
 """Stage-1 results stored under the storage path, keyed by a hash of what changes them.
 
-Layout: ``<storage_path>/_stage1/<key>/{trunk.pt, record.json}``. ``record.json`` is written last
-and is the completion marker: a directory without it is never read as a result, so a trial that
-dies mid-write leaves nothing that looks whole. Paths may be local or URIs that ``pyarrow.fs``
-understands (``s3://``, ``gs://``), so a cluster shares one cache through object storage.
+Layout: ``<storage_path>/_stage1/<key>/{trunk.pt, record.json}``, and for ``schedule: wsd`` the
+stage tree: ``<storage_path>/_stage1/tree-<tree key>/constant-<epochs>/{trunk.pt, record.json}``,
+the full training state at the end of a constant phase, which a longer budget continues.
+``record.json`` is written last and is the completion marker: a directory without it is never
+read as a result, so a trial that dies mid-write leaves nothing that looks whole. Paths may be
+local or URIs that ``pyarrow.fs`` understands (``s3://``, ``gs://``), so a cluster shares one
+cache through object storage.
 """
 
 from __future__ import annotations
@@ -47,9 +50,14 @@ def has_stage1(path: str) -> bool:
 
 def save_stage1(path: str, trunk_state: dict[str, torch.Tensor], record: Stage1Record) -> None:
     """Store a stage-1 result; the record goes last so a partial write is never read."""
+    _save_whole(path, trunk_state, json.dumps(asdict(record), indent=1))
+
+
+def _save_whole(path: str, state: dict[str, Any], record_json: str) -> None:
+    """``TRUNK_FILE`` + ``RECORD_FILE`` at ``path``, never seen half-written."""
     fs, root = filesystem(path)
     buffer = io.BytesIO()
-    torch.save(trunk_state, buffer)
+    torch.save(state, buffer)
     if isinstance(fs, pafs.LocalFileSystem):
         # Local: build beside the target and rename into place, so even the trunk appears whole.
         parent = os.path.dirname(root)
@@ -59,7 +67,7 @@ def save_stage1(path: str, trunk_state: dict[str, torch.Tensor], record: Stage1R
         with open(os.path.join(tmp, TRUNK_FILE), "wb") as f:
             f.write(buffer.getvalue())
         with open(os.path.join(tmp, RECORD_FILE), "w") as f:
-            json.dump(asdict(record), f, indent=1)
+            f.write(record_json)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -70,7 +78,67 @@ def save_stage1(path: str, trunk_state: dict[str, torch.Tensor], record: Stage1R
     with fs.open_output_stream(f"{root}/{TRUNK_FILE}") as f:
         f.write(buffer.getvalue())
     with fs.open_output_stream(f"{root}/{RECORD_FILE}") as f:
-        f.write(json.dumps(asdict(record), indent=1).encode())
+        f.write(record_json.encode())
+
+
+# -- the stage tree (schedule: wsd) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConstantPhase:
+    """A stored end of a stage-1 constant phase: what a longer budget continues from.
+
+    Attributes:
+        epochs: constant-rate epochs it holds.
+        seconds: what computing them cost, in total (over every run that extended them).
+        path: where it is stored.
+    """
+
+    epochs: int
+    seconds: float
+    path: str
+
+
+def tree_dir(storage_path: str, tree_key: str) -> str:
+    """Where a stage-1 configuration's constant phases (any budget) are stored."""
+    return f"{stage1_cache_root(storage_path)}/tree-{tree_key}"
+
+
+def save_constant_phase(tree: str, epochs: int, state: dict[str, Any], seconds: float) -> None:
+    """Store the model, optimizer and schedule state after ``epochs`` constant-rate epochs."""
+    record = {"epochs": epochs, "seconds": seconds}
+    _save_whole(f"{tree}/{_CONSTANT_PREFIX}{epochs:05d}", state, json.dumps(record))
+
+
+def longest_constant_phase(tree: str, at_most: int) -> ConstantPhase | None:
+    """The stored constant phase with the most epochs, up to ``at_most``; None if none is."""
+    fs, root = filesystem(tree)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    best: ConstantPhase | None = None
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        name = info.base_name
+        if not name.startswith(_CONSTANT_PREFIX) or not name[len(_CONSTANT_PREFIX) :].isdigit():
+            continue
+        epochs = int(name[len(_CONSTANT_PREFIX) :])
+        if epochs > at_most or (best is not None and epochs <= best.epochs):
+            continue
+        if not has_stage1(f"{tree}/{name}"):  # its record is missing: not (yet) whole
+            continue
+        with fs.open_input_stream(f"{root}/{name}/{RECORD_FILE}") as f:
+            record = json.loads(f.read())
+        best = ConstantPhase(epochs, float(record["seconds"]), f"{tree}/{name}")
+    return best
+
+
+def load_constant_phase(phase: ConstantPhase) -> dict[str, Any]:
+    """The stored state (``weights_only=True``): ``model``, ``optimizer``, ``scheduler``."""
+    fs, root = filesystem(phase.path)
+    with fs.open_input_stream(f"{root}/{TRUNK_FILE}") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
+
+
+_CONSTANT_PREFIX = "constant-"
 
 
 def load_stage1(path: str) -> tuple[dict[str, torch.Tensor], Stage1Record]:

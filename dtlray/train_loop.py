@@ -41,7 +41,15 @@ from dtlray.checkpoints import (
 from dtlray.config import StageConfig, TrialConfig
 from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE
 from dtlray.models import TransferModel, load_trunk
-from dtlray.stage1_cache import Stage1Record, has_stage1, load_stage1, save_stage1
+from dtlray.stage1_cache import (
+    Stage1Record,
+    has_stage1,
+    load_constant_phase,
+    load_stage1,
+    longest_constant_phase,
+    save_constant_phase,
+    save_stage1,
+)
 from dtlray.stages import (
     StageSpec,
     TaskSpec,
@@ -173,6 +181,7 @@ def run_worker(
             resume=resume,
             on_epoch_end=report,
             run_test=plan.run_test,
+            test_every_epoch=plan.test_every_epoch,
         )
     except Diverged as err:
         # One last report, then the trial ends. The finetune metrics are there as NaN so a
@@ -218,23 +227,75 @@ def _run_or_load_stage1(
         load_trunk(model, state)
         env.log(f"[dtlray] stage 1 reused from {plan.stage1_dir}")
         return Stage1Outcome(
-            "reused", record.source_val_acc, time.perf_counter() - start, record.seconds
+            "reused",
+            record.source_val_acc,
+            time.perf_counter() - start,
+            record.seconds,
+            reused_epochs=cfg.stage1.epochs,
         )
 
     pretrain = pretrain_stage(cfg, plan.datasets)
     model.reset_heads(pretrain.heads)
     model.to(env.device)
-    final = run_stage(pretrain, model, env, stream_keys=plan.stream_keys)
+    resume, reused, before = _stage1_tree_start(cfg, plan, env)
+    if resume is not None:
+        model.load_state_dict(resume.model_state)  # run_stage continues its optimizer
+
+    def store_constant_phase(epoch: int, _: dict[str, Any], state: Callable[[], dict]) -> None:
+        # The end of the constant phase is what a longer budget of this configuration continues.
+        done = epoch + 1
+        if plan.stage1_tree_dir and done == cfg.stage1.constant_epochs and done > reused:
+            if env.rank == 0:
+                seconds = before + time.perf_counter() - start
+                save_constant_phase(plan.stage1_tree_dir, done, state(), seconds)
+
+    final = run_stage(
+        pretrain,
+        model,
+        env,
+        stream_keys=plan.stream_keys,
+        resume=resume,
+        on_epoch_end=store_constant_phase if plan.stage1_tree_dir else None,
+    )
     seconds = time.perf_counter() - start
     source_val_acc = final[f"{pretrain.tasks[0].name}/val_acc"]
     if env.rank == 0:
         save_stage1(
             plan.stage1_dir,
             model.trunk_state_dict(),
-            Stage1Record(source_val_acc=source_val_acc, seconds=seconds, config=cfg.to_dict()),
+            Stage1Record(
+                source_val_acc=source_val_acc, seconds=before + seconds, config=cfg.to_dict()
+            ),
         )
     env.log(f"[dtlray] stage 1 done in {seconds:.1f}s: source/val_acc={source_val_acc:.4f}")
-    return Stage1Outcome("computed", source_val_acc, seconds, seconds)
+    return Stage1Outcome("computed", source_val_acc, seconds, before + seconds, reused)
+
+
+def _stage1_tree_start(
+    cfg: TrialConfig, plan: WorkerPlan, env: WorkerEnv
+) -> tuple[Resume | None, int, float]:
+    """Where a computed stage 1 starts: the longest stored constant phase of its configuration
+    that fits its own (the stage tree), else epoch 0.
+
+    Returns:
+        ``(resume, reused_epochs, their compute seconds)``; ``(None, 0, 0.0)`` from scratch.
+    """
+    if not plan.stage1_tree_dir or cfg.stage1.constant_epochs == 0:
+        return None, 0, 0.0
+    phase = longest_constant_phase(plan.stage1_tree_dir, cfg.stage1.constant_epochs)
+    if phase is None:
+        return None, 0, 0.0
+    state = load_constant_phase(phase)
+    env.log(
+        f"[dtlray] stage 1 continues a stored constant phase: {phase.epochs} of "
+        f"{cfg.stage1.epochs} epochs reused"
+    )
+    meta = {"epoch": phase.epochs - 1}
+    return (
+        Resume(state["model"], state["optimizer"], state["scheduler"], meta),
+        phase.epochs,
+        phase.seconds,
+    )
 
 
 # -- one stage ----------------------------------------------------------------------------------
@@ -249,6 +310,7 @@ def run_stage(
     resume: Resume | None = None,
     on_epoch_end: Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
     run_test: bool = False,
+    test_every_epoch: bool = False,
 ) -> dict[str, float]:
     """Train ``model`` through one stage; return the last epoch's metrics (per task too).
 
@@ -261,6 +323,7 @@ def run_stage(
         on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch; ``state()``
             builds the checkpoint state, only when one is written.
         run_test: evaluate the test splits after the last epoch.
+        test_every_epoch: with ``run_test``, after every epoch.
     """
     train_data = {t.name: train_source(t, spec, stream_keys, env) for t in spec.tasks}
     agree_on_sizes(train_data, env)
@@ -277,8 +340,15 @@ def run_stage(
         optimizer.load_state_dict(resume.optimizer_state)
         scheduler.load_state_dict(resume.scheduler_state)
         start_epoch = int(resume.meta["epoch"]) + 1
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # wsd: the rate of the epoch it resumes at under *this* run's budget -- a stage-1
+            # budget continuing a shorter one's constant phase decays on its own schedule.
+            rates = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)
+            for group, base, factor in rates:
+                group["lr"] = base * factor(start_epoch)
 
     metrics: dict[str, float] = {}
+    test_data: dict[str, InMemorySplit] | None = None
     wrapped_for: bool | None = None
     wrapped: nn.Module = model
     for epoch in range(start_epoch, spec.optim.epochs):
@@ -289,6 +359,10 @@ def run_stage(
             _set_backbone_frozen(model, frozen)
             wrapped = _wrap_ddp(model, env)
             wrapped_for = frozen
+        # Each epoch's randomness (dropout, augmentation) from its own seed: a resumed run, or
+        # a stage-1 budget continuing a stored constant phase, trains as one that never stopped.
+        stage_offset = 0 if spec.name == "pretrain" else 500_009
+        torch.manual_seed(env.seed * 1_000_003 + stage_offset + epoch * 101 + env.rank)
         train_stats = train_one_epoch(
             wrapped, model, spec, train_data, optimizer, epoch, env, scaler=scaler
         )
@@ -301,12 +375,13 @@ def run_stage(
         metrics = _stage_metrics(spec, train_stats, val, "val")
         metrics["epoch"] = epoch + 1
         last = epoch == spec.optim.epochs - 1
-        if last and run_test:
-            test_data = {
-                t.name: read_shard(env.session.dataset(t.test_key), t.meta)
-                for t in spec.tasks
-                if t.test_key
-            }
+        if run_test and (last or test_every_epoch):
+            if test_data is None:
+                test_data = {
+                    t.name: read_shard(env.session.dataset(t.test_key), t.meta)
+                    for t in spec.tasks
+                    if t.test_key
+                }
             test = evaluate(model, spec.tasks, test_data, env)
             metrics.update(_stage_metrics(spec, None, test, "test"))
         if env.rank == 0:
@@ -377,6 +452,15 @@ def build_scheduler(
     """The per-epoch learning-rate schedule of a stage."""
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
+    if optim.schedule == "wsd":
+        constant, decay = optim.constant_epochs, optim.decay_epochs
+
+        def factor(epoch: int) -> float:
+            # Constant, then a linear decay to 0 over the last epochs (each epoch at the decay's
+            # value at its midpoint: one decay epoch runs at half the rate).
+            return 1.0 if epoch < constant else max(0.0, 1.0 - (epoch - constant + 0.5) / decay)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if optim.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, optim.step_epochs, optim.step_gamma)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

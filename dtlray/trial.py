@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from dtlray.config import TrialConfig
 from dtlray.errors import DtlrayError
 from dtlray.ray_session import quiet_ray_data
-from dtlray.stage1_cache import has_stage1, stage1_dir
+from dtlray.stage1_cache import has_stage1, stage1_dir, tree_dir
 from dtlray.stages import dataset_key, finetune_stage, pretrain_stage
 from dtlray.train_loop import train_loop_per_worker
 from dtlray.trial_data import (
@@ -131,6 +131,7 @@ def plan_trial(
             datasets[key] = split_dataset(info, split, in_process=in_process)
 
     stream_keys: list[str] = []
+    s1_tree: str | None = None
     if cfg.stage2.init == "scratch":
         mode, s1_dir = "none", None
     else:
@@ -138,6 +139,9 @@ def plan_trial(
         infos[source.name] = source
         s1_dir = stage1_dir(storage_path, cfg.stage1_key(source.fingerprint))
         mode = stage1_mode or ("load" if has_stage1(s1_dir) else "compute")
+        tree_key = cfg.stage1_tree_key(source.fingerprint)
+        if mode == "compute" and tree_key is not None:
+            s1_tree = tree_dir(storage_path, tree_key)
         if mode == "compute":
             key = dataset_key("pretrain", source.name, "train")
             rows = cfg.data.source_max_rows
@@ -166,6 +170,7 @@ def plan_trial(
         stream_keys=tuple(stream_keys),
         run_test=run_test,
         checkpoint_epochs=tuple(sorted(checkpoint_epochs)),
+        stage1_tree_dir=s1_tree,
     )
     stages = [finetune_stage(cfg, plan.datasets)]
     if mode == "compute":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dtlray.data import decode_uint8, to_model_input
 from dtlray.errors import DtlrayError
-from dtlray.metrics import STAGE1_MODE
+from dtlray.metrics import STAGE1_MODE, STAGE1_REUSED_EPOCHS
 from dtlray.stages import DatasetMeta, StageSpec, TaskSpec
 
 _DECODE_BATCH_ROWS = 4096
@@ -44,6 +44,10 @@ class WorkerPlan:
         run_test: evaluate the test splits after the last finetune epoch.
         checkpoint_epochs: finetune epochs (from 1) a checkpoint must be written after, beyond
             what ``resources.checkpoint`` asks: the search's scheduler rungs.
+        test_every_epoch: evaluate the test splits after every finetune epoch, not only the last
+            (the learning-curve benchmark records test accuracy per epoch; needs ``run_test``).
+        stage1_tree_dir: for a computed ``schedule: wsd`` stage 1, where its configuration's
+            constant phases are stored (the stage tree); None otherwise.
     """
 
     datasets: dict[str, DatasetMeta]
@@ -52,6 +56,8 @@ class WorkerPlan:
     stream_keys: tuple[str, ...] = ()
     run_test: bool = True
     checkpoint_epochs: tuple[int, ...] = ()
+    test_every_epoch: bool = False
+    stage1_tree_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +79,8 @@ class WorkerPlan:
             stream_keys=tuple(raw["stream_keys"]),
             run_test=bool(raw["run_test"]),
             checkpoint_epochs=tuple(raw["checkpoint_epochs"]),
+            test_every_epoch=bool(raw["test_every_epoch"]),
+            stage1_tree_dir=raw["stage1_tree_dir"],
         )
 
 
@@ -86,12 +94,16 @@ class Stage1Outcome:
         source_val_acc: stage 1's source validation accuracy; None for ``scratch``.
         seconds: spent by this trial on stage 1 (small when reused, 0 for scratch).
         compute_seconds: what computing the stage-1 result cost, whoever computed it.
+        reused_epochs: stage-1 epochs this trial did not train because a stored result covered
+            them: all for ``reused``, the stored constant phase it continued (the stage tree)
+            for ``computed``, 0 for ``scratch``.
     """
 
     mode: Literal["computed", "reused", "scratch"]
     source_val_acc: float | None
     seconds: float
     compute_seconds: float
+    reused_epochs: int = 0
 
     def metrics(self) -> dict[str, Any]:
         """The stage-1 metrics of every finetune report; a scratch trial claims no stage 1."""
@@ -103,6 +115,7 @@ class Stage1Outcome:
         if self.mode != "scratch":
             metrics["source/val_acc"] = self.source_val_acc
             metrics["stage1/cache_hit"] = self.mode == "reused"
+            metrics[STAGE1_REUSED_EPOCHS] = self.reused_epochs
         return metrics
 
 

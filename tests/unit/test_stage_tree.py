@@ -1,0 +1,124 @@
+"""The stage tree: a ``schedule: wsd`` stage 1 stores its constant phase, and a longer budget of
+the same configuration continues it -- training only the rest, and ending where a run from
+scratch ends. Real data, the real worker loop, in this process (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from dtlray.config import TrialConfig
+from dtlray.search_space import parse_space
+from dtlray.stage1_cache import load_stage1, longest_constant_phase, tree_dir
+from dtlray.train_loop import build_scheduler, run_worker
+from dtlray.trial import plan_trial
+from dtlray.trial_data import ensure_dataset
+
+
+class Session:
+    """The worker loop's session for a run in this process: the splits, and its reports."""
+
+    def __init__(self, datasets: dict[str, Any]) -> None:
+        self.datasets, self.reports = datasets, []
+
+    def dataset(self, key: str) -> Any:
+        return self.datasets[key]
+
+    def checkpoint(self) -> None:
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self.reports.append(metrics)
+
+
+def tiny(data_root: Path, **flat: Any) -> TrialConfig:
+    raw = yaml.safe_load(Path("search_spaces/tiny.yaml").read_text())
+    cfg = parse_space(raw).trial_config()
+    return TrialConfig.from_flat(
+        {
+            "data.root": str(data_root),
+            "data.source_max_rows": 256,
+            "model.fusion_width": 32,
+            "model.fusion_dropout": 0.2,  # randomness in training: continuing must replay it
+            "stage1.schedule": "wsd",
+            "stage2.epochs": 1,
+            "resources.use_gpu": False,
+            **flat,
+        },
+        base=cfg,
+    )
+
+
+def run(cfg: TrialConfig, storage: Path) -> dict[str, Any]:
+    trial = plan_trial(cfg, storage_path=str(storage), run_test=False, in_process=True)
+    session = Session(trial.datasets)
+    run_worker(trial.worker_config, session)
+    return session.reports[-1]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "fraction", "factors"),
+    [(4, 0.25, [1, 1, 1, 0.5]), (8, 0.25, [1] * 6 + [0.75, 0.25]), (1, 0.25, [0.5])],
+)
+def test_wsd_is_constant_then_decays_linearly(epochs: int, fraction: float, factors: list) -> None:
+    cfg = TrialConfig.from_flat(
+        {"stage1.schedule": "wsd", "stage1.epochs": epochs, "stage1.decay_fraction": fraction}
+    )
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg.stage1)
+    seen = []
+    for _ in range(epochs):
+        seen.append(optimizer.param_groups[0]["lr"] / 0.1)
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(factors)
+    assert cfg.stage1.constant_epochs == factors.count(1)
+
+
+def test_budgets_share_a_key_without_the_budget_and_other_schedules_have_none() -> None:
+    two, three = (
+        TrialConfig.from_flat({"stage1.schedule": "wsd", "stage1.epochs": e}) for e in (2, 3)
+    )
+    assert two.stage1_key("fp") != three.stage1_key("fp")
+    assert two.stage1_tree_key("fp") == three.stage1_tree_key("fp")
+    lr = TrialConfig.from_flat({"stage1.schedule": "wsd", "stage1.lr": 0.1})
+    assert lr.stage1_tree_key("fp") != two.stage1_tree_key("fp")  # a constant phase differs
+    assert TrialConfig().stage1_tree_key("fp") is None  # cosine: no run is a prefix of another
+
+
+def test_a_longer_budget_continues_the_stored_constant_phase(
+    data_root: Path, tmp_path: Path
+) -> None:
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    first = run(tiny(data_root, **{"stage1.epochs": 2}), shared)  # constant 1 + decay 1
+    assert first["stage1/mode"] == "computed" and first["stage1/reused_epochs"] == 0
+
+    cfg = tiny(data_root, **{"stage1.epochs": 3})  # constant 2 + decay 1
+    source = ensure_dataset(cfg.data.source, cfg.data.root)
+    tree = tree_dir(str(shared), cfg.stage1_tree_key(source.fingerprint))
+    assert longest_constant_phase(tree, at_most=2).epochs == 1
+    second = run(cfg, shared)
+    assert second["stage1/mode"] == "computed"
+    assert second["stage1/reused_epochs"] == 1  # trained epochs 2 and 3 only
+    assert longest_constant_phase(tree, at_most=2).epochs == 2  # and stored its own constant phase
+    # What it cost counts the reused epoch's compute too.
+    assert second["stage1/compute_seconds"] > second["stage1/seconds"]
+
+    # Continuing is the same training as running the 3 epochs from scratch.
+    scratch = run(cfg, alone)
+    assert scratch["stage1/reused_epochs"] == 0
+    continued, _ = load_stage1(f"{shared}/_stage1/{cfg.stage1_key(source.fingerprint)}")
+    fresh, _ = load_stage1(f"{alone}/_stage1/{cfg.stage1_key(source.fingerprint)}")
+    assert continued.keys() == fresh.keys()
+    for name in fresh:
+        torch.testing.assert_close(continued[name], fresh[name], rtol=1e-4, atol=1e-5)
+    assert second["source/val_acc"] == pytest.approx(scratch["source/val_acc"], abs=1e-6)
+
+    # The whole 3-epoch result is stored now: the next trial reuses all of it.
+    third = run(cfg, shared)
+    assert third["stage1/mode"] == "reused" and third["stage1/reused_epochs"] == 3
