@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 
 from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
@@ -33,7 +34,9 @@ from dtlray.search_space import (
 )
 from dtlray.search_trial import TRIAL_DRIVER_CPU, run_trial_fn, trial_resources
 from dtlray.searcher import build_searcher
+from dtlray.stage1_cache import has_stage1, stage1_dir
 from dtlray.stage1_claims import start_claims
+from dtlray.stage1_order import Stage1OrderedSearch
 from dtlray.trial_data import ensure_dataset
 
 log = logging.getLogger(__name__)
@@ -178,9 +181,13 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=space.objective.metric,
             mode=space.objective.mode,
-            search_alg=build_searcher(
-                space, study_name=experiment.name, study_storage=study_storage
-            ),
+            search_alg=_stage1_ordered(
+                build_searcher(space, study_name=experiment.name, study_storage=study_storage),
+                space,
+                experiment.storage_path,
+            )
+            if reuse_stage1
+            else build_searcher(space, study_name=experiment.name, study_storage=study_storage),
             scheduler=build_trial_scheduler(space),
             num_samples=space.num_samples,
             # Without this Tune runs a non-default searcher one trial at a time.
@@ -192,6 +199,34 @@ def build_tuner(
         ),
         run_config=_run_config(space, experiment, verbose),
     )
+
+
+class Stage1Keys:
+    """The stage-1 key of a suggested config (None for a scratch trial); picklable, so a
+    restored search keeps it."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self._space = space
+        source = ensure_dataset(space.trial.data.source, space.trial.data.root)
+        self._fingerprint = source.fingerprint
+
+    def __call__(self, config: Mapping[str, Any]) -> str | None:
+        cfg = self._space.trial_config({k: v for k, v in config.items() if k in self._space.search})
+        return None if cfg.stage2.init == "scratch" else cfg.stage1_key(self._fingerprint)
+
+
+def _stage1_ordered(searcher: Searcher, space: SearchSpace, storage_path: str) -> Searcher:
+    """The searcher, reordered so no trial starts only to wait for a stage 1 being computed."""
+    return Stage1OrderedSearch(
+        searcher,
+        stage1_key=Stage1Keys(space),
+        is_stored=functools.partial(_stage1_stored, storage_path),
+        num_samples=space.num_samples,
+    )
+
+
+def _stage1_stored(storage_path: str, key: str) -> bool:
+    return has_stage1(stage1_dir(storage_path, key))
 
 
 def _run_config(space: SearchSpace, experiment: ExperimentDir, verbose: bool) -> tune.RunConfig:

@@ -343,7 +343,8 @@ def run_stage(
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             # wsd: the rate of the epoch it resumes at under *this* run's budget -- a stage-1
             # budget continuing a shorter one's constant phase decays on its own schedule.
-            rates = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)
+            groups = optimizer.param_groups
+            rates = zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
             for group, base, factor in rates:
                 group["lr"] = base * factor(start_epoch)
 
