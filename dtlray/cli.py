@@ -190,8 +190,14 @@ def _print_summary(summary: dict, experiment_path: str) -> None:
     reuse = summary["stage1"]
     diverged = f", {summary['diverged']} diverged" if summary.get("diverged") else ""
     scratch = f", {reuse['scratch']} from scratch" if reuse.get("scratch") else ""
+    tree = ""
+    if reuse.get("continued"):
+        tree = (
+            f" ({reuse['continued']} continued a stored constant phase, "
+            f"{reuse['epochs_continued']} epoch(s) not retrained)"
+        )
     print(
-        f"stage 1: {reuse['misses']} computed, {reuse['hits']} reused{scratch} "
+        f"stage 1: {reuse['misses']} computed{tree}, {reuse['hits']} reused{scratch} "
         f"({reuse['seconds_saved']:.0f} s of pretraining saved); "
         f"{summary['trials']} trials, {summary['errors']} failed{diverged}"
     )

@@ -24,7 +24,7 @@ from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
 from dtlray.errors import DtlrayError
 from dtlray.experiment import PREDICTIONS_FILE, ExperimentDir, default_name, write_json
-from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE
+from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE, STAGE1_REUSED_EPOCHS
 from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
     SearchSpace,
@@ -368,18 +368,25 @@ def stage1_reuse(results: tune.ResultGrid) -> dict[str, float]:
     """How trials got stage 1 (``stage1/mode`` of their last reports) and what reuse saved.
 
     Returns:
-        ``hits`` (reused), ``misses`` (computed), ``scratch`` (no stage 1) and
-        ``seconds_saved`` (the compute the reused ones would have cost).
+        ``hits`` (reused), ``misses`` (computed), ``scratch`` (no stage 1), ``continued`` (the
+        computed ones that continued a stored constant phase, the stage tree),
+        ``epochs_continued`` (the stage-1 epochs those did not train) and ``seconds_saved``
+        (the compute the reused ones and the continued epochs would have cost).
     """
     reported = [r.metrics for r in results if r.metrics and STAGE1_MODE in r.metrics]
     modes = [m[STAGE1_MODE] for m in reported]
+    continued = [
+        m for m in reported if m[STAGE1_MODE] == "computed" and m.get(STAGE1_REUSED_EPOCHS, 0) > 0
+    ]
+    saved = sum(m["stage1/compute_seconds"] for m in reported if m[STAGE1_MODE] == "reused")
+    saved += sum(m["stage1/compute_seconds"] - m["stage1/seconds"] for m in continued)
     return {
         "hits": modes.count("reused"),
         "misses": modes.count("computed"),
         "scratch": modes.count("scratch"),
-        "seconds_saved": float(
-            sum(m["stage1/compute_seconds"] for m in reported if m[STAGE1_MODE] == "reused")
-        ),
+        "continued": len(continued),
+        "epochs_continued": int(sum(m[STAGE1_REUSED_EPOCHS] for m in continued)),
+        "seconds_saved": float(saved),
     }
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from dtlray.errors import DtlrayError
 from dtlray.experiment import BEST_FILE, SPACE_FILE, ExperimentDir, read_json
-from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE
+from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE, STAGE1_REUSED_EPOCHS
 from dtlray.report.study import resolve_distributions
 
 if TYPE_CHECKING:
@@ -112,6 +112,18 @@ class TrialRecord:
         if last["stage1/cache_hit"]:
             return "reused"
         return "computed" if (finite(last.get("stage1/compute_seconds")) or 0.0) > 0 else "scratch"
+
+    @property
+    def stage1_reused_epochs(self) -> int:
+        """Stage-1 epochs a stored result covered (0 when the trial did not report it)."""
+        last = self.history[-1] if self.history else {}
+        return int(finite(last.get(STAGE1_REUSED_EPOCHS)) or 0)
+
+    @property
+    def stage1_seconds(self) -> float:
+        """What this trial itself spent on stage 1."""
+        last = self.history[-1] if self.history else {}
+        return finite(last.get("stage1/seconds")) or 0.0
 
     @property
     def stage1_compute_seconds(self) -> float:

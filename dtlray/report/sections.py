@@ -409,6 +409,12 @@ def _stage1_section(exp: Experiment, out: Path) -> list[Block]:
         f"{summary.reused} reused a stored stage 1, saving {summary.seconds_saved:.0f} s of "
         "pretraining"
     )
+    if summary.continued:
+        text += (
+            f"; {summary.continued} of the pretraining trial(s) continued a stored constant "
+            f"phase of their configuration (`stage1.schedule: wsd`, the stage tree) instead of "
+            f"starting over, skipping {summary.epochs_continued} stage-1 epoch(s)"
+        )
     if summary.not_used:
         text += f"; {summary.not_used} trained from scratch"
     blocks.append(Paragraph(text + "."))

@@ -35,18 +35,29 @@ class Stage1Summary:
     reused: int  # trials that loaded a stored stage 1
     not_used: int  # scratch trials
     seconds_spent: float  # pretraining the computed ones cost
-    seconds_saved: float  # pretraining the reused ones would have cost
+    seconds_saved: float  # pretraining the reused ones (and the continued epochs) would have cost
+    continued: int = 0  # computed ones that continued a stored constant phase (the stage tree)
+    epochs_continued: int = 0  # the stage-1 epochs those did not train again
 
 
 def stage1_summary(trials: Sequence[TrialRecord]) -> Stage1Summary:
     """Counts and seconds from each trial's last report (as ``dtlray tune`` prints them)."""
-    kinds = [(t.stage1, t.stage1_compute_seconds) for t in trials if t.stage1 is not None]
+    used = [t for t in trials if t.stage1 is not None]
+    computed = [t for t in used if t.stage1 == "computed"]
+    reused = [t for t in used if t.stage1 == "reused"]
+    continued = [t for t in computed if t.stage1_reused_epochs > 0]
     return Stage1Summary(
-        computed=sum(1 for kind, _ in kinds if kind == "computed"),
-        reused=sum(1 for kind, _ in kinds if kind == "reused"),
-        not_used=sum(1 for kind, _ in kinds if kind == "scratch"),
-        seconds_spent=sum(s for kind, s in kinds if kind == "computed"),
-        seconds_saved=sum(s for kind, s in kinds if kind == "reused"),
+        computed=len(computed),
+        reused=len(reused),
+        not_used=sum(1 for t in used if t.stage1 == "scratch"),
+        # A continued trial's own work: what it trained on top of the stored constant phase.
+        seconds_spent=sum(
+            t.stage1_seconds if t in continued else t.stage1_compute_seconds for t in computed
+        ),
+        seconds_saved=sum(t.stage1_compute_seconds for t in reused)
+        + sum(t.stage1_compute_seconds - t.stage1_seconds for t in continued),
+        continued=len(continued),
+        epochs_continued=sum(t.stage1_reused_epochs for t in continued),
     )
 
 

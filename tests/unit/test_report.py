@@ -60,6 +60,8 @@ class FakeTrial:
     error: str | None = None
     reports_mode: bool = True  # False: a trial from before `stage1/mode` existed
     diverged: bool = False  # its last report is the worker loop's divergence verdict
+    continued_epochs: int = 0  # computed on top of a stored constant phase of this many epochs
+    own_seconds: float | None = None  # stage 1 seconds of its own (continued: the remainder)
 
 
 def _rows(trial: FakeTrial, number: int, exp: Path) -> list[dict[str, Any]]:
@@ -114,6 +116,9 @@ def _stage1_metrics(trial: FakeTrial) -> dict[str, Any]:
         "stage1/seconds": 0.2 if trial.stage1 == "reused" else trial.compute_seconds,
         "stage1/compute_seconds": 0.0 if scratch else trial.compute_seconds,
     }
+    if trial.continued_epochs:
+        metrics["stage1/seconds"] = trial.own_seconds
+        metrics["stage1/reused_epochs"] = trial.continued_epochs
     if not trial.reports_mode:  # older loops: a NaN source accuracy and a cache flag for all
         source = float("nan") if scratch else 0.3
         return {"source/val_acc": source, "stage1/cache_hit": trial.stage1 == "reused", **metrics}
@@ -561,6 +566,32 @@ def test_stage1_reuse_counts_and_seconds(tmp_path: Path) -> None:
     md = (build_report(exp) / "report.md").read_text()
     assert "2 trial(s) pretrained stage 1 (22 s), 3 reused a stored stage 1, saving 34 s" in md
     assert "1 trained from scratch" in md
+
+
+def test_stage1_tree_continuations_count_only_what_they_trained(tmp_path: Path) -> None:
+    budget = {"stage1.epochs": 4}
+    trials = [
+        FakeTrial("aaaa0001", p(0, 0.01, 0.5), [0.5], compute_seconds=10.0),
+        # A longer budget of the same config: 20 s in all, 12 s of it its own (8 s continued).
+        FakeTrial(
+            "aaaa0002",
+            {**p(0, 0.02, 0.5), **budget},
+            [0.6],
+            compute_seconds=20.0,
+            continued_epochs=1,
+            own_seconds=12.0,
+        ),  # fmt: skip
+        FakeTrial("aaaa0003", p(0, 0.03, 0.5), [0.5], stage1="reused", compute_seconds=10.0),
+    ]
+    exp = write_experiment(tmp_path / "exp", trials)
+    summary = stage1_summary(load_trials(exp))
+    assert summary == Stage1Summary(
+        computed=2, reused=1, not_used=0, seconds_spent=22.0, seconds_saved=18.0,
+        continued=1, epochs_continued=1,
+    )  # fmt: skip
+    md = (build_report(exp) / "report.md").read_text()
+    assert "1 of the pretraining trial(s) continued a stored constant phase" in md
+    assert "skipping 1 stage-1 epoch(s)" in md
 
 
 @pytest.mark.parametrize("reports_mode", [True, False], ids=["stage1-mode", "inferred"])
