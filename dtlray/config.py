@@ -122,6 +122,12 @@ class StageConfig(_Section):
     schedule: Literal["cosine", "wsd", "constant", "step"] = "cosine"
     step_epochs: int = Field(default=1, ge=1, description="For schedule: step.")
     step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="For schedule: step.")
+    warmup_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="For schedule: wsd: first epochs whose learning rate rises linearly to lr "
+        "(part of the constant phase that longer budgets share).",
+    )
     decay_fraction: float = Field(
         default=0.25,
         gt=0.0,
@@ -145,6 +151,16 @@ class StageConfig(_Section):
         """The epochs before the decay, whose learning rate is constant (``wsd`` only; 0 for the
         other schedules): a longer run with the same settings starts with the same ones."""
         return self.epochs - self.decay_epochs if self.schedule == "wsd" else 0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> StageConfig:
+        if self.schedule == "wsd" and self.warmup_epochs > self.constant_epochs:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} does not fit before the decay: {self.epochs} "
+                f"epochs with decay_fraction={self.decay_fraction} leave {self.constant_epochs} "
+                "constant epoch(s); lower warmup_epochs or decay_fraction, or raise epochs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> StageConfig:
@@ -309,7 +325,8 @@ class TrialConfig(_Section):
         """
         stage1 = self.stage1.model_dump(mode="json")
         if self.stage1.schedule != "wsd":
-            stage1.pop("decay_fraction")  # only wsd reads it: other keys stay as they were
+            for wsd_only in ("decay_fraction", "warmup_epochs"):
+                stage1.pop(wsd_only)  # only wsd reads them: other keys stay as they were
         return self._stage1_hash(source_fingerprint, 1, stage1)
 
     def stage1_tree_key(self, source_fingerprint: str) -> str | None:

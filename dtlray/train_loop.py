@@ -454,12 +454,16 @@ def build_scheduler(
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
     if optim.schedule == "wsd":
-        constant, decay = optim.constant_epochs, optim.decay_epochs
+        warmup, constant, decay = optim.warmup_epochs, optim.constant_epochs, optim.decay_epochs
 
         def factor(epoch: int) -> float:
-            # Constant, then a linear decay to 0 over the last epochs (each epoch at the decay's
-            # value at its midpoint: one decay epoch runs at half the rate).
-            return 1.0 if epoch < constant else max(0.0, 1.0 - (epoch - constant + 0.5) / decay)
+            # A linear warmup, constant, then a linear decay to 0 over the last epochs; each
+            # epoch runs at the line's value at its midpoint (one decay epoch: half the rate).
+            if epoch < warmup:
+                return (epoch + 0.5) / warmup
+            if epoch < constant:
+                return 1.0
+            return max(0.0, 1.0 - (epoch - constant + 0.5) / decay)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if optim.schedule == "step":

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from dtlray.config import TrialConfig
+from dtlray.errors import DtlrayError
 from dtlray.search_space import parse_space
 from dtlray.stage1_cache import load_stage1, longest_constant_phase, tree_dir
 from dtlray.train_loop import build_scheduler, run_worker
@@ -78,6 +79,25 @@ def test_wsd_is_constant_then_decays_linearly(epochs: int, fraction: float, fact
         scheduler.step()
     assert seen == pytest.approx(factors)
     assert cfg.stage1.constant_epochs == factors.count(1)
+
+
+def test_wsd_warmup_rises_then_holds_and_must_fit_before_the_decay() -> None:
+    cfg = TrialConfig.from_flat(
+        {"stage1.schedule": "wsd", "stage1.epochs": 6, "stage1.warmup_epochs": 2}
+    )
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, cfg.stage1)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.25, 0.75, 1, 1, 0.75, 0.25])
+    with pytest.raises(DtlrayError, match="warmup_epochs=4 does not fit before the decay"):
+        TrialConfig.from_flat(
+            {"stage1.schedule": "wsd", "stage1.epochs": 4, "stage1.warmup_epochs": 4}
+        )
 
 
 def test_budgets_share_a_key_without_the_budget_and_other_schedules_have_none() -> None:
