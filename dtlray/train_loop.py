@@ -39,6 +39,7 @@ from dtlray.checkpoints import (
     write_verdict,
 )
 from dtlray.config import StageConfig, TrialConfig
+from dtlray.logme import logme
 from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON, DIVERGED_STAGE
 from dtlray.models import TransferModel, load_trunk
 from dtlray.stage1_cache import (
@@ -173,6 +174,8 @@ def run_worker(
             torch.manual_seed(cfg.seed + 1)
             model.reset_heads(finetune.heads)
             model.to(env.device)
+            if stage1.mode != "scratch":
+                stage1.logme = target_logme(model, finetune, plan.stream_keys, env)
         run_stage(
             finetune,
             model,
@@ -296,6 +299,34 @@ def _stage1_tree_start(
         phase.epochs,
         phase.seconds,
     )
+
+
+@torch.inference_mode()
+def target_logme(
+    model: TransferModel, spec: StageSpec, stream_keys: tuple[str, ...], env: WorkerEnv
+) -> dict[str, float]:
+    """LogME of the trunk's features on each target's train split: a zero-training estimate of
+    how well this stage 1 suits the target (see :mod:`dtlray.logme`)."""
+    assert env.session is not None
+    model.eval()
+    scores = {}
+    for task in spec.tasks:
+        if task.train_key in stream_keys:  # too large to hold: not worth a second pass
+            continue
+        split = read_shard(env.session.dataset(task.train_key), task.meta)
+        if len(split) < 2:
+            continue
+        features = [
+            model.features(model_input(split.images[i : i + _EVAL_BATCH_ROWS], env, False))
+            .float()
+            .cpu()
+            for i in range(0, len(split), _EVAL_BATCH_ROWS)
+        ]
+        scores[f"target/{task.name}/logme"] = logme(
+            torch.cat(features).numpy(), split.labels.numpy()
+        )
+    model.train()
+    return scores
 
 
 # -- one stage ----------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ class Stage1Outcome:
         reused_epochs: stage-1 epochs this trial did not train because a stored result covered
             them: all for ``reused``, the stored constant phase it continued (the stage tree)
             for ``computed``, 0 for ``scratch``.
+        logme: LogME of the stage-1 trunk's features on each target's train split, before any
+            finetuning (``target/<task>/logme``; rank 0's shard under DDP).
     """
 
     mode: Literal["computed", "reused", "scratch"]
@@ -104,6 +106,7 @@ class Stage1Outcome:
     seconds: float
     compute_seconds: float
     reused_epochs: int = 0
+    logme: dict[str, float] = field(default_factory=dict)  # target/<task>/logme of the trunk
 
     def metrics(self) -> dict[str, Any]:
         """The stage-1 metrics of every finetune report; a scratch trial claims no stage 1."""
@@ -116,6 +119,7 @@ class Stage1Outcome:
             metrics["source/val_acc"] = self.source_val_acc
             metrics["stage1/cache_hit"] = self.mode == "reused"
             metrics[STAGE1_REUSED_EPOCHS] = self.reused_epochs
+            metrics.update(self.logme)
         return metrics
 
 

@@ -4,6 +4,7 @@ scratch ends. Real data, the real worker loop, in this process (no Ray needed)."
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,8 @@ def test_a_longer_budget_continues_the_stored_constant_phase(
     shared, alone = tmp_path / "shared", tmp_path / "alone"
     first = run(tiny(data_root, **{"stage1.epochs": 2}), shared)  # constant 1 + decay 1
     assert first["stage1/mode"] == "computed" and first["stage1/reused_epochs"] == 0
+    # The trunk's zero-training pre-rank of each target, in every finetune report.
+    assert all(math.isfinite(first[f"target/{t}/logme"]) for t in ("digits", "faces"))
 
     cfg = tiny(data_root, **{"stage1.epochs": 3})  # constant 2 + decay 1
     source = ensure_dataset(cfg.data.source, cfg.data.root)
