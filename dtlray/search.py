@@ -46,6 +46,7 @@ def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
     """ASHA over finetune epochs (a first rung that lets slow starters live), or FIFO."""
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
+    # asha, and two_axis's finetune axis (its stage-1 axis is in its searcher).
     return ASHAScheduler(
         time_attr="training_iteration",  # one Tune result per finetune epoch
         max_t=space.max_epochs,
@@ -211,7 +212,8 @@ class Stage1Keys:
         self._fingerprint = source.fingerprint
 
     def __call__(self, config: Mapping[str, Any]) -> str | None:
-        cfg = self._space.trial_config({k: v for k, v in config.items() if k in self._space.search})
+        keys = self._space.trial_keys
+        cfg = self._space.trial_config({k: v for k, v in config.items() if k in keys})
         return None if cfg.stage2.init == "scratch" else cfg.stage1_key(self._fingerprint)
 
 
@@ -426,7 +428,7 @@ def summarize_best(
         raise DtlrayError(
             f"no trial reported {metric!r} ({why}{err}); see the trial errors above"
         ) from None
-    sampled = {k: v for k, v in best.config.items() if k in space.search}
+    sampled = {k: v for k, v in best.config.items() if k in space.trial_keys}
     cfg = space.trial_config(sampled)
     summary: dict[str, Any] = {
         "objective": {"metric": metric, "mode": mode, "value": best.metrics.get(metric)},

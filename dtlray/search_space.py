@@ -125,6 +125,9 @@ class CategoricalParam(_Strict):
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
 
+TWO_AXIS_KEYS = ("stage1.epochs", "stage2.epochs")  # what the two-axis searcher sets per trial
+
+
 class SearcherConfig(_Strict):
     """How the next configuration is chosen."""
 
@@ -133,12 +136,18 @@ class SearcherConfig(_Strict):
     n_startup_trials: int = Field(
         default=4, ge=1, description="TPE: random trials before the model takes over."
     )
+    start_from_default: bool = Field(
+        default=True,
+        description="The first trial is the space's default point (each searched key's "
+        "default, else the trial config's value); false: every trial is the searcher's.",
+    )
 
 
 class SchedulerConfig(_Strict):
-    """How trials are stopped early (over finetune epochs)."""
+    """How trials are stopped early (over finetune epochs, and for ``two_axis`` also over
+    stage-1 budgets: see :mod:`dtlray.two_axis`)."""
 
-    type: Literal["asha", "fifo"] = "asha"
+    type: Literal["asha", "fifo", "two_axis"] = "asha"
     grace_period: int | None = Field(
         default=None,
         ge=1,
@@ -146,6 +155,11 @@ class SchedulerConfig(_Strict):
         "(a first rung at 1 epoch cuts slow starters that would have won).",
     )
     reduction_factor: float = Field(default=2.0, gt=1.0)
+    stage1_budgets: list[int] | None = Field(
+        default=None,
+        description="two_axis: the stage-1 budgets (stage1.epochs), increasing; a budget's top "
+        "1/reduction_factor (on target val acc after a grace_period finetune) go on to the next.",
+    )
 
 
 class ObjectiveConfig(_Strict):
@@ -187,7 +201,44 @@ class SearchSpace(_Strict):
                 raise ValueError(
                     f"search.{key}: default {param.default!r} is outside the distribution"
                 )
+        self._check_two_axis()
         return self
+
+    def _check_two_axis(self) -> None:
+        budgets = self.scheduler.stage1_budgets
+        if self.scheduler.type != "two_axis":
+            if budgets is not None:
+                raise ValueError("scheduler.stage1_budgets is for scheduler.type: two_axis only")
+            return
+        if budgets is None or len(budgets) < 2 or sorted(set(budgets)) != budgets:
+            raise ValueError(
+                "scheduler two_axis needs stage1_budgets: at least two increasing stage1.epochs "
+                f"values (e.g. [2, 4, 8]), got {budgets}"
+            )
+        for key in TWO_AXIS_KEYS:
+            if key in self.search:
+                raise ValueError(f"search.{key}: scheduler two_axis sets it; do not search it")
+        if self.trial.stage1.schedule != "wsd":
+            raise ValueError(
+                "scheduler two_axis needs trial.stage1.schedule: wsd (a promoted configuration "
+                "continues the constant phase its shorter stage 1 stored)"
+            )
+        for budget in budgets:
+            try:
+                TrialConfig.from_flat({"stage1.epochs": budget}, base=self.trial)
+            except DtlrayError as err:
+                raise ValueError(
+                    f"scheduler.stage1_budgets: {budget} is not allowed: {err}"
+                ) from None
+
+    @property
+    def trial_keys(self) -> list[str]:
+        """The config keys a trial's sampled values hold: the searched ones, and for
+        ``two_axis`` the stage-1 budget and finetune epochs its searcher sets."""
+        keys = list(self.search)
+        if self.scheduler.type == "two_axis":
+            keys += [k for k in TWO_AXIS_KEYS if k not in keys]
+        return keys
 
     @property
     def grace_period(self) -> int:

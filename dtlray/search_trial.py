@@ -40,7 +40,7 @@ def rung_epochs(space: SearchSpace) -> tuple[int, ...]:
     The same milestones as Ray's ``ASHAScheduler``: ``grace_period * reduction_factor**k`` up to
     ``max_t``. A trial it stops ends with the report of such an epoch.
     """
-    if space.scheduler.type != "asha":
+    if space.scheduler.type == "fifo":
         return ()
     rungs, milestone = [], float(space.grace_period)
     while milestone <= space.max_epochs:
@@ -129,9 +129,8 @@ def run_trial_fn(
 def trial_resources(space_dict: dict[str, Any], config: dict[str, Any]) -> Any:
     """A one-worker trial holds its worker's CPUs (and GPU); a multi-worker one only a sliver
     for its driver, its worker group reserving the rest."""
-    cfg = parse_space(space_dict, source="<space>").trial_config(
-        {k: v for k, v in config.items() if k in space_dict.get("search", {})}
-    )
+    space = parse_space(space_dict, source="<space>")
+    cfg = space.trial_config({k: v for k, v in config.items() if k in space.trial_keys})
     if not runs_in_trial(cfg):
         return tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])
     bundle = {"CPU": cfg.resources.cpus_per_worker}

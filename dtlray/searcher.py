@@ -9,11 +9,13 @@ from typing import Any
 
 import optuna
 from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from dtlray.errors import DtlrayError
 from dtlray.metrics import DIVERGED_METRIC
 from dtlray.search_space import SearchSpace, to_optuna_distributions
+from dtlray.two_axis import TwoAxisSearch
 
 
 class TrialStateOptunaSearch(OptunaSearch):
@@ -68,8 +70,9 @@ class TrialStateOptunaSearch(OptunaSearch):
 
 def build_searcher(
     space: SearchSpace, study_name: str, study_storage: str | None = None
-) -> OptunaSearch:
-    """Optuna TPE (seeded) or Optuna's random sampler, optionally with a persistent study."""
+) -> Searcher:
+    """Optuna TPE (seeded) or Optuna's random sampler, optionally with a persistent study; for
+    ``scheduler: two_axis`` inside the two-axis searcher (:mod:`dtlray.two_axis`)."""
     # Optuna's INFO lines ("A new study created ...") repeat what dtlray tune prints.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if space.searcher.type == "optuna":
@@ -81,8 +84,10 @@ def build_searcher(
     storage = None
     if study_storage is not None:
         storage = _optuna_storage(study_storage)
-    return TrialStateOptunaSearch(
-        fixed_epochs=space.trial.stage2.epochs,
+    two_axis = space.scheduler.type == "two_axis"
+    searcher = TrialStateOptunaSearch(
+        # Two-axis: Optuna's own trials are the new ones, with their short finetune.
+        fixed_epochs=space.grace_period if two_axis else space.trial.stage2.epochs,
         space=to_optuna_distributions(space),
         metric=space.objective.metric,
         mode=space.objective.mode,
@@ -90,7 +95,18 @@ def build_searcher(
         study_name=study_name,
         storage=storage,
         # Start from the space's defaults: a known-reasonable point anchors the search.
-        points_to_evaluate=[space.default_values()],
+        points_to_evaluate=[space.default_values()] if space.searcher.start_from_default else None,
+    )
+    if not two_axis:
+        return searcher
+    assert space.scheduler.stage1_budgets is not None  # the space's validation saw to it
+    return TwoAxisSearch(
+        searcher,
+        budgets=space.scheduler.stage1_budgets,
+        reduction_factor=space.scheduler.reduction_factor,
+        short_epochs=space.grace_period,
+        full_epochs=space.max_epochs,
+        num_samples=space.num_samples,
     )
 
 

@@ -172,3 +172,47 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(
     best = json.loads((experiment / "best.json").read_text())
     assert best["config"]["stage2"]["epochs"] == epochs
     assert best["epochs"] == epochs
+
+
+def test_two_axis_search_promotes_the_best_and_writes_best_json(
+    ray_cluster: None, data_root: Path, tmp_path: Path
+) -> None:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["trial"]["data"]["root"] = str(data_root)
+    raw["trial"]["stage1"]["schedule"] = "wsd"
+    raw["trial"]["stage2"]["epochs"] = 2
+    raw["search"] = {
+        "model.fusion_depth": {"type": "int", "low": 0, "high": 1},
+        "stage2.lr": {"type": "float", "low": 0.003, "high": 0.1, "log": True},
+    }
+    raw["scheduler"] = {"type": "two_axis", "stage1_budgets": [2, 3], "grace_period": 1}
+    raw["num_samples"] = 5
+    raw["max_concurrent_trials"] = 2
+    path = tmp_path / "two_axis.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    check = subprocess.run(
+        [sys.executable, "-m", "dtlray", "check", str(path)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    assert "two_axis" in check.stdout
+
+    space = parse_space(raw)
+    results = dtlray.build_tuner(space, storage_path=str(tmp_path), name="two-axis").fit()
+    assert results.num_errors == 0, [r.error for r in results]
+    assert len(results) == 5
+    # New configurations at the small budget with a short finetune; the best went on.
+    small = [r for r in results if r.config["stage1.epochs"] == 2]
+    promoted = [r for r in results if r.config["stage1.epochs"] == 3]
+    assert len(small) >= 3 and len(promoted) >= 1
+    assert all(r.config["stage2.epochs"] == 1 for r in small)
+    assert all(r.config["stage2.epochs"] == 2 for r in promoted)
+    searched = ("model.fusion_depth", "stage2.lr")
+    small_configs = [{k: r.config[k] for k in searched} for r in small]
+    for r in promoted:
+        assert {k: r.config[k] for k in searched} in small_configs
+        # Its stage 1 continued the constant phase the budget-2 run stored.
+        assert r.metrics["stage1/reused_epochs"] >= 1
+    summary = summarize_best(results, space, results.experiment_path)
+    best = json.loads((Path(results.experiment_path) / "best.json").read_text())
+    assert best["config"]["stage1"]["epochs"] == best["searched"]["stage1.epochs"]
+    assert summary["stage1"]["continued"] >= 1

@@ -1,0 +1,149 @@
+"""The two-axis search: successive halving over stage-1 budgets, ASHA over finetune epochs.
+
+Stage 1 is the expensive half of a trial, and ASHA alone prunes only the cheap finetune epochs:
+every stage-1 configuration is pretrained to its full budget before any target signal exists.
+Here the searcher samples new configurations at the smallest stage-1 budget with a short
+finetune (ASHA's first rung), and promotes the best ``1 / reduction_factor`` of each budget's
+results to the next budget -- asynchronously, as ASHA promotes: whenever a trial can start, the
+highest budget with a configuration in its top fraction that was not promoted yet gets it, else
+a new configuration starts at the smallest budget. A promoted configuration's stage 1 continues
+the constant phase its shorter run stored (``stage1.schedule: wsd``, the stage tree), so it
+trains only the extra epochs. The decision uses what matters: the target validation accuracy of
+a finetune, never the source accuracy. Only configurations at the largest budget finetune for
+the full ``stage2.epochs`` (where Tune's ASHA scheduler still stops poor ones early).
+
+Part of the search layer (:mod:`dtlray.search` builds it around the Optuna searcher, which
+proposes the new configurations and learns from their results at the smallest budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import tempfile
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from dtlray.search_space import TWO_AXIS_KEYS
+
+STAGE1_BUDGET_KEY, FINETUNE_EPOCHS_KEY = TWO_AXIS_KEYS
+
+
+class TwoAxisSearch(Searcher):
+    """New configurations at the smallest stage-1 budget; the best fraction of each budget goes on.
+
+    Args:
+        searcher: proposes new configurations (without the two keys this class sets).
+        budgets: the stage-1 budgets (``stage1.epochs``), increasing.
+        reduction_factor: a budget's top ``1 / reduction_factor`` is promoted to the next.
+        short_epochs: the finetune epochs of a trial below the largest budget.
+        full_epochs: the finetune epochs at the largest budget.
+        num_samples: the search's trials (new and promoted together).
+    """
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        *,
+        budgets: list[int],
+        reduction_factor: float,
+        short_epochs: int,
+        full_epochs: int,
+        num_samples: int,
+    ) -> None:
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        if len(budgets) < 2 or sorted(set(budgets)) != list(budgets):
+            raise ValueError(f"budgets must be at least two increasing values, got {budgets}")
+        self.searcher = searcher
+        self._budgets = list(budgets)
+        self._eta = reduction_factor
+        self._short, self._full = short_epochs, full_epochs
+        self._num_samples = num_samples
+        self._started = 0
+        # Per budget: configuration (as JSON) -> its value there; and those already promoted.
+        self._rungs: list[dict[str, float]] = [{} for _ in budgets]
+        self._promoted: list[set[str]] = [set() for _ in budgets]
+        self._trials: dict[str, tuple[str, int]] = {}  # trial id -> (configuration, budget index)
+        self._new: set[str] = set()  # trials the inner searcher proposed (it learns from them)
+
+    def set_search_properties(  # noqa: D102
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:  # noqa: D102
+        if self._started >= self._num_samples:
+            return Searcher.FINISHED
+        for level in reversed(range(len(self._budgets) - 1)):
+            promote = self._promotable(level)
+            if promote is not None:
+                self._promoted[level].add(promote)
+                return self._start(trial_id, promote, level + 1)
+        config = self.searcher.suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return config
+        self._new.add(trial_id)
+        return self._start(trial_id, json.dumps(config, sort_keys=True), 0)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:  # noqa: D102
+        if trial_id in self._new:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(  # noqa: D102
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._new:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        if trial_id not in self._trials or error or not result:
+            return
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            return  # diverged: never promoted
+        config, level = self._trials[trial_id]
+        sign = 1.0 if self.mode == "max" else -1.0
+        self._rungs[level][config] = sign * float(value)
+
+    def save(self, checkpoint_path: str) -> None:  # noqa: D102
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = os.path.join(tmp, "inner.pkl")
+            self.searcher.save(inner)
+            with open(inner, "rb") as f:
+                inner_bytes = f.read()
+        state = {k: v for k, v in self.__dict__.items() if k != "searcher"}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"inner": inner_bytes, "state": state}, f)
+
+    def restore(self, checkpoint_path: str) -> None:  # noqa: D102
+        with open(checkpoint_path, "rb") as f:
+            saved = pickle.load(f)  # noqa: S301 -- Tune's own searcher checkpoint, as Ray does
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = os.path.join(tmp, "inner.pkl")
+            with open(inner, "wb") as f:
+                f.write(saved["inner"])
+            self.searcher.restore(inner)
+        self.__dict__.update(saved["state"])
+
+    # -- the rungs -----------------------------------------------------------------------------
+
+    def _promotable(self, level: int) -> str | None:
+        """The best configuration in budget ``level``'s top fraction not promoted yet, if any."""
+        rung = self._rungs[level]
+        top = math.floor(len(rung) / self._eta)
+        ranked = sorted(rung, key=rung.__getitem__, reverse=True)[:top]
+        for config in ranked:
+            if config not in self._promoted[level]:
+                return config
+        return None
+
+    def _start(self, trial_id: str, config: str, level: int) -> dict[str, Any]:
+        self._started += 1
+        self._trials[trial_id] = (config, level)
+        last = level == len(self._budgets) - 1
+        return {
+            **json.loads(config),
+            STAGE1_BUDGET_KEY: self._budgets[level],
+            FINETUNE_EPOCHS_KEY: self._full if last else self._short,
+        }

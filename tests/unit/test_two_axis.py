@@ -1,0 +1,95 @@
+"""The two-axis searcher around dtlray's real Optuna searcher, called as Tune's controller calls
+it (suggest, results, completion); and the space rules of ``scheduler: two_axis``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from dtlray.errors import DtlrayError
+from dtlray.search_space import parse_space
+from dtlray.searcher import build_searcher
+from dtlray.two_axis import TwoAxisSearch
+
+
+def two_axis_raw(**scheduler: Any) -> dict[str, Any]:
+    raw = yaml.safe_load(Path("search_spaces/tiny.yaml").read_text())
+    raw["trial"]["stage1"]["schedule"] = "wsd"
+    raw["trial"]["stage2"]["epochs"] = 4
+    raw["scheduler"] = {"type": "two_axis", "stage1_budgets": [2, 3, 4], "grace_period": 1,
+                        "reduction_factor": 2, **scheduler}  # fmt: skip
+    raw["num_samples"] = 12
+    return raw
+
+
+def complete(search: Any, trial_id: str, config: dict[str, Any], value: float) -> None:
+    epochs = config["stage2.epochs"]
+    result = {"training_iteration": epochs, "epoch": epochs, "target/val_acc": value}
+    search.on_trial_result(trial_id, result)
+    search.on_trial_complete(trial_id, result=result)
+
+
+def test_new_configs_start_small_and_the_best_fraction_goes_on() -> None:
+    search = build_searcher(parse_space(two_axis_raw()), study_name="two-axis")
+    assert isinstance(search, TwoAxisSearch)
+    started: dict[str, dict[str, Any]] = {}
+    # Four new configurations at the smallest budget, with the short finetune.
+    for i in range(4):
+        started[f"t{i}"] = search.suggest(f"t{i}")
+        assert started[f"t{i}"]["stage1.epochs"] == 2 and started[f"t{i}"]["stage2.epochs"] == 1
+    values = {"t0": 0.5, "t1": 0.9, "t2": 0.7, "t3": 0.6}
+    for trial_id, value in values.items():
+        complete(search, trial_id, started[trial_id], value)
+    # Half of the 4 go on: the best (t1), then the second best (t2), at the next budget.
+    promoted = [search.suggest("p0"), search.suggest("p1")]
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("stage1.epochs", "stage2.epochs")}  # noqa: E731
+    assert [strip(c) for c in promoted] == [strip(started["t1"]), strip(started["t2"])]
+    assert all(c["stage1.epochs"] == 3 and c["stage2.epochs"] == 1 for c in promoted)
+    # No one else is in the top half: the next one is new, at the smallest budget.
+    assert search.suggest("t4")["stage1.epochs"] == 2
+    complete(search, "p0", promoted[0], 0.95)
+    complete(search, "p1", promoted[1], 0.65)
+    # Two results at budget 3: the better goes to the largest budget, with the full finetune.
+    final = search.suggest("f0")
+    assert strip(final) == strip(started["t1"])
+    assert final["stage1.epochs"] == 4 and final["stage2.epochs"] == 4
+    # Optuna learns from its own (new) configurations only, each a completed short finetune.
+    study: optuna.Study = search.searcher._ot_study
+    assert len(study.trials) == 5
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.value for t in done) == [0.5, 0.6, 0.7, 0.9]
+
+
+def test_the_search_stops_at_num_samples() -> None:
+    raw = two_axis_raw()
+    raw["num_samples"] = 3
+    search = build_searcher(parse_space(raw), study_name="two-axis-n")
+    for i in range(3):
+        assert search.suggest(f"t{i}") is not None
+    assert search.suggest("t3") == search.FINISHED
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scheduler": {"type": "two_axis"}}, "needs stage1_budgets"),
+        ({"scheduler": {"type": "two_axis", "stage1_budgets": [3, 2]}}, "increasing"),
+        ({"scheduler": {"type": "asha", "stage1_budgets": [2, 3]}}, "two_axis only"),
+        ({"stage1": "cosine"}, "needs trial.stage1.schedule: wsd"),
+        ({"search": {"stage1.epochs": {"choices": [2, 3]}}}, "two_axis sets it"),
+    ],
+)
+def test_two_axis_space_rules(change: dict[str, Any], message: str) -> None:
+    raw = two_axis_raw()
+    if "scheduler" in change:
+        raw["scheduler"] = change["scheduler"]
+    if "stage1" in change:
+        raw["trial"]["stage1"]["schedule"] = change["stage1"]
+    if "search" in change:
+        raw["search"].update(change["search"])
+    with pytest.raises(DtlrayError, match=message):
+        parse_space(raw)
