@@ -17,9 +17,7 @@ Part of the search layer (:mod:`dtlray.search` builds it around the Optuna searc
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,25 +106,21 @@ class Stage1OrderedSearch(Searcher):
     def add_evaluated_point(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
         self.searcher.add_evaluated_point(*args, **kwargs)
 
+    # Saved the way Tune saves a searcher wrapper (as its ConcurrencyLimiter): this object's
+    # state by get_state, the wrapped searcher's own by save.
+    def get_state(self) -> dict[str, Any]:  # noqa: D102
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
+
+    def set_state(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.__dict__.update(state)
+
     def save(self, checkpoint_path: str) -> None:  # noqa: D102
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = os.path.join(tmp, "inner.pkl")
-            self.searcher.save(inner)
-            with open(inner, "rb") as f:
-                inner_bytes = f.read()
-        state = {k: v for k, v in self.__dict__.items() if k != "searcher"}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"inner": inner_bytes, "state": state}, f)
+        self.searcher.save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:  # noqa: D102
-        with open(checkpoint_path, "rb") as f:
-            saved = pickle.load(f)  # noqa: S301 -- Tune's own searcher checkpoint, as Ray does
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = os.path.join(tmp, "inner.pkl")
-            with open(inner, "wb") as f:
-                f.write(saved["inner"])
-            self.searcher.restore(inner)
-        self.__dict__.update(saved["state"])
+        self.searcher.restore(checkpoint_path)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

@@ -18,11 +18,9 @@ proposes the new configurations and learns from their results at the smallest bu
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import os
-import pickle
-import tempfile
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -106,25 +104,21 @@ class TwoAxisSearch(Searcher):
         sign = 1.0 if self.mode == "max" else -1.0
         self._rungs[level][config] = sign * float(value)
 
+    # Saved the way Tune saves a searcher wrapper (as its ConcurrencyLimiter): this object's
+    # state by get_state, the wrapped searcher's own by save.
+    def get_state(self) -> dict[str, Any]:  # noqa: D102
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
+
+    def set_state(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.__dict__.update(state)
+
     def save(self, checkpoint_path: str) -> None:  # noqa: D102
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = os.path.join(tmp, "inner.pkl")
-            self.searcher.save(inner)
-            with open(inner, "rb") as f:
-                inner_bytes = f.read()
-        state = {k: v for k, v in self.__dict__.items() if k != "searcher"}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"inner": inner_bytes, "state": state}, f)
+        self.searcher.save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:  # noqa: D102
-        with open(checkpoint_path, "rb") as f:
-            saved = pickle.load(f)  # noqa: S301 -- Tune's own searcher checkpoint, as Ray does
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = os.path.join(tmp, "inner.pkl")
-            with open(inner, "wb") as f:
-                f.write(saved["inner"])
-            self.searcher.restore(inner)
-        self.__dict__.update(saved["state"])
+        self.searcher.restore(checkpoint_path)
 
     # -- the rungs -----------------------------------------------------------------------------
 

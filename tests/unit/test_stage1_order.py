@@ -100,3 +100,21 @@ def test_when_every_remaining_suggestion_would_wait_the_oldest_goes() -> None:
     assert search.suggest("t2") == search.FINISHED
     assert key(first)  # both handed out; nothing held at the end
     assert not search._held
+
+
+def test_tune_saves_and_restores_it_with_the_searcher_inside(tmp_path: Path) -> None:
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+
+    stored: set[str] = set()
+    search = ordered(num_samples=8, stored=stored, seed=3, one_backbone=True)
+    configs = [search.suggest(f"t{i}") for i in range(3)]
+    # As dtlray tune runs it: behind Tune's concurrency limiter, inside a SearchGenerator.
+    SearchGenerator(ConcurrencyLimiter(search, max_concurrent=2)).save_to_dir(
+        str(tmp_path), session_str="s"
+    )
+    again = ordered(num_samples=8, stored=stored, seed=3, one_backbone=True)
+    SearchGenerator(ConcurrencyLimiter(again, max_concurrent=2)).restore_from_dir(str(tmp_path))
+    assert again._inner_ids == search._inner_ids and again._asked == search._asked
+    assert [h.config for h in again._held] == [h.config for h in search._held]
+    assert len(again.searcher._ot_study.trials) == len(search.searcher._ot_study.trials)
+    assert configs[0] is not None

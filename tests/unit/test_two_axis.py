@@ -93,3 +93,18 @@ def test_two_axis_space_rules(change: dict[str, Any], message: str) -> None:
         raw["search"].update(change["search"])
     with pytest.raises(DtlrayError, match=message):
         parse_space(raw)
+
+
+def test_tune_saves_and_restores_its_rungs(tmp_path: Path) -> None:
+    from ray.tune.search import SearchGenerator
+
+    search = build_searcher(parse_space(two_axis_raw()), study_name="two-axis-save")
+    for i, value in enumerate((0.4, 0.8)):
+        config = search.suggest(f"t{i}")
+        complete(search, f"t{i}", config, value)
+    SearchGenerator(search).save_to_dir(str(tmp_path), session_str="s")
+    again = build_searcher(parse_space(two_axis_raw()), study_name="two-axis-save")
+    SearchGenerator(again).restore_from_dir(str(tmp_path))
+    assert again._rungs == search._rungs and again._started == 2
+    promoted = again.suggest("p0")  # the restored rung promotes the better of the two
+    assert promoted["stage1.epochs"] == 3
