@@ -201,6 +201,8 @@ class Run:
     trials: int = 0
     stopped: int = 0
     waited: float = 0.0  # slot-seconds trials spent waiting for a stage 1 another one computed
+    stage1_spent: float = 0.0  # stage-1 compute the search paid (reuse, and the tree for wsd)
+    stage1_alone: float = 0.0  # what its trials' stage 1s would cost with no reuse at all
 
     def test_at(self, compute: float) -> float:
         """The picked trial's test accuracy once ``compute`` slot-seconds were spent."""
@@ -282,11 +284,13 @@ def replay(
         planned[trial_id] = int(sampled.get("stage2.epochs", len(curve.val)))
         start = now + trial_overhead + curve.setup_seconds
         ready = stage1_ready.get(curve.stage1_key)
+        run.stage1_alone += table.stage1_seconds[curve.stage1_key]
         if ready is None:  # this trial computes the stage 1 (single-flight claim)
             seconds = table.stage1_seconds[curve.stage1_key]
             if tree is not None:  # wsd: continue the longest stored constant phase
                 seconds = tree.compute(curve.stage1_key, seconds, start)
             begin = start + seconds
+            run.stage1_spent += seconds
             stage1_ready[curve.stage1_key] = begin
         else:  # loads it, after waiting for the trial computing it if need be
             run.waited += max(0.0, ready - start)
@@ -557,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
             f"(IQR {g1:+.4f} to {g3:+.4f}), better on {int((gaps > 0).sum())}/"
             f"{len(gaps)} seeds, worse on {int((gaps < 0).sum())}"
         )
+    saving = {
+        n: float(np.median([r.stage1_alone / max(r.stage1_spent, 1e-9) for r in rs]))
+        for n, rs in runs.items()
+    }
+    print(
+        "stage-1 compute with no reuse at all / what the search paid (median): "
+        + ", ".join(f"{n} {v:.2f}x" for n, v in saving.items())
+    )
     start_point = "no default point" if args.no_default_point else "default point first"
     title = f"anytime curves, {args.seeds} seeds, {start_point} (median, IQR)"
     plot(runs, budget, args.png, title)

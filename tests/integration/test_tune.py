@@ -72,6 +72,8 @@ def test_search_shares_stage1_and_every_trial_reports(
         "hits": 3,
         "misses": 1,
         "scratch": 0,
+        "continued": 0,  # tiny.yaml's 1-epoch wsd stage 1 has no constant phase to continue
+        "epochs_continued": 0,
         "seconds_saved": pytest.approx(3 * spent),
     }
 
