@@ -265,6 +265,7 @@ def replay(
     events: list[tuple[float, int, str, int]] = []
     curves: dict[str, Curve] = {}
     latest: dict[str, tuple[float, float]] = {}  # trial -> (last val, its test)
+    trials: dict[str, SimpleNamespace] = {}
     planned: dict[str, int] = {}  # finetune epochs a trial runs (two-axis: short below the top)
     running = 0
     now = 0.0
@@ -279,7 +280,10 @@ def replay(
         if sampled is None or sampled == Searcher.FINISHED:
             return False
         curve = table.curve(sampled)
-        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        trials[trial_id] = SimpleNamespace(
+            trial_id=trial_id, config=sampled
+        )  # Tune's Trial, as read
+        scheduler.on_trial_add(None, trials[trial_id])
         curves[trial_id] = curve
         planned[trial_id] = int(sampled.get("stage2.epochs", len(curve.val)))
         start = now + trial_overhead + curve.setup_seconds
@@ -318,7 +322,7 @@ def replay(
         val = curve.val[epoch - 1]
         diverged = math.isnan(val)
         result = {"training_iteration": epoch, "epoch": epoch, metric: val, "diverged": diverged}
-        trial = SimpleNamespace(trial_id=trial_id)
+        trial = trials[trial_id]
         decision = scheduler.on_trial_result(None, trial, result)
         if decision != TrialScheduler.STOP:
             searcher.on_trial_result(trial_id, result)

@@ -17,7 +17,12 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    AsyncHyperBandScheduler,
+    FIFOScheduler,
+    TrialScheduler,
+)
 from ray.tune.search import Searcher
 
 from dtlray.config import TrialConfig
@@ -46,13 +51,47 @@ def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
     """ASHA over finetune epochs (a first rung that lets slow starters live), or FIFO."""
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
-    # asha, and two_axis's finetune axis (its stage-1 axis is in its searcher).
+    if space.scheduler.type == "two_axis":  # its stage-1 axis is in its searcher
+        return TopBudgetASHA(
+            short_epochs=space.grace_period,
+            time_attr="training_iteration",
+            max_t=space.max_epochs,
+            grace_period=space.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+        )
     return ASHAScheduler(
         time_attr="training_iteration",  # one Tune result per finetune epoch
         max_t=space.max_epochs,
         grace_period=space.grace_period,
         reduction_factor=space.scheduler.reduction_factor,
     )
+
+
+class TopBudgetASHA(AsyncHyperBandScheduler):
+    """Two-axis's finetune axis: ASHA among the trials that run the full finetune only.
+
+    A trial below the largest stage-1 budget runs a short finetune that ends at ASHA's first
+    rung anyway, and its value there measures a shorter stage 1; letting it set the rung's
+    cutoff would stop the promoted configurations it is compared with.
+    """
+
+    def __init__(self, *, short_epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._short_epochs = short_epochs
+
+    def _short(self, trial: Any) -> bool:
+        return int(trial.config.get("stage2.epochs", 0)) <= self._short_epochs
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:  # noqa: D102
+        if self._short(trial):
+            return TrialScheduler.CONTINUE  # it ends at its last epoch on its own
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:  # noqa: D102
+        if self._short(trial):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
 
 def derive_max_concurrent_trials(space: SearchSpace) -> int:

@@ -108,3 +108,28 @@ def test_tune_saves_and_restores_its_rungs(tmp_path: Path) -> None:
     assert again._rungs == search._rungs and again._started == 2
     promoted = again.suggest("p0")  # the restored rung promotes the better of the two
     assert promoted["stage1.epochs"] == 3
+
+
+def test_finetune_asha_compares_full_finetunes_only() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from dtlray.search import build_trial_scheduler
+
+    scheduler = build_trial_scheduler(parse_space(two_axis_raw()))
+    scheduler.set_search_properties("target/val_acc", "max")
+    short = [SimpleNamespace(trial_id=f"s{i}", config={"stage2.epochs": 1}) for i in range(4)]
+    full = [SimpleNamespace(trial_id=f"f{i}", config={"stage2.epochs": 4}) for i in range(2)]
+    for trial in short + full:
+        scheduler.on_trial_add(None, trial)
+    # Short finetunes score high at the first rung; they must not set its cutoff.
+    for trial in short:
+        result = {"training_iteration": 1, "target/val_acc": 0.99}
+        assert scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE
+        scheduler.on_trial_complete(None, trial, result)
+    first = {"training_iteration": 1, "target/val_acc": 0.6}
+    assert scheduler.on_trial_result(None, full[0], first) == TrialScheduler.CONTINUE
+    # Among full finetunes ASHA still stops the worse one at the rung.
+    worse = {"training_iteration": 1, "target/val_acc": 0.3}
+    assert scheduler.on_trial_result(None, full[1], worse) == TrialScheduler.STOP
