@@ -17,12 +17,13 @@ Part of the search layer (:mod:`dtlray.search` builds it around the Optuna searc
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray.tune.search import Searcher
+
+from dtlray.searcher_wrapper import SearcherWrapper
 
 
 @dataclass
@@ -32,7 +33,7 @@ class _Held:
     key: str | None  # its stage-1 key (None: it needs no stage 1)
 
 
-class Stage1OrderedSearch(Searcher):
+class Stage1OrderedSearch(SearcherWrapper):
     """A searcher whose suggestions never wait on a stage 1 that a running trial computes.
 
     Args:
@@ -62,11 +63,6 @@ class Stage1OrderedSearch(Searcher):
         self.reordered = 0  # suggestions that went out later than they were made
 
     # -- Tune's calls --------------------------------------------------------------------------
-
-    def set_search_properties(  # noqa: D102
-        self, metric: str | None, mode: str | None, config: dict, **spec: Any
-    ) -> bool:
-        return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # noqa: D102
         for i, held in enumerate(self._held):
@@ -105,22 +101,6 @@ class Stage1OrderedSearch(Searcher):
 
     def add_evaluated_point(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
         self.searcher.add_evaluated_point(*args, **kwargs)
-
-    # Saved the way Tune saves a searcher wrapper (as its ConcurrencyLimiter): this object's
-    # state by get_state, the wrapped searcher's own by save.
-    def get_state(self) -> dict[str, Any]:  # noqa: D102
-        state = self.__dict__.copy()
-        del state["searcher"]
-        return copy.deepcopy(state)
-
-    def set_state(self, state: dict[str, Any]) -> None:  # noqa: D102
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:  # noqa: D102
-        self.searcher.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str) -> None:  # noqa: D102
-        self.searcher.restore(checkpoint_path)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

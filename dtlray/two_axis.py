@@ -18,7 +18,6 @@ proposes the new configurations and learns from their results at the smallest bu
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from typing import Any
@@ -26,11 +25,12 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from dtlray.search_space import TWO_AXIS_KEYS
+from dtlray.searcher_wrapper import SearcherWrapper
 
 STAGE1_BUDGET_KEY, FINETUNE_EPOCHS_KEY = TWO_AXIS_KEYS
 
 
-class TwoAxisSearch(Searcher):
+class TwoAxisSearch(SearcherWrapper):
     """New configurations at the smallest stage-1 budget; the best fraction of each budget goes on.
 
     Args:
@@ -67,11 +67,6 @@ class TwoAxisSearch(Searcher):
         self._trials: dict[str, tuple[str, int]] = {}  # trial id -> (configuration, budget index)
         self._new: set[str] = set()  # trials the inner searcher proposed (it learns from them)
 
-    def set_search_properties(  # noqa: D102
-        self, metric: str | None, mode: str | None, config: dict, **spec: Any
-    ) -> bool:
-        return self.searcher.set_search_properties(metric, mode, config, **spec)
-
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # noqa: D102
         if self._started >= self._num_samples:
             return Searcher.FINISHED
@@ -103,22 +98,6 @@ class TwoAxisSearch(Searcher):
         config, level = self._trials[trial_id]
         sign = 1.0 if self.mode == "max" else -1.0
         self._rungs[level][config] = sign * float(value)
-
-    # Saved the way Tune saves a searcher wrapper (as its ConcurrencyLimiter): this object's
-    # state by get_state, the wrapped searcher's own by save.
-    def get_state(self) -> dict[str, Any]:  # noqa: D102
-        state = self.__dict__.copy()
-        del state["searcher"]
-        return copy.deepcopy(state)
-
-    def set_state(self, state: dict[str, Any]) -> None:  # noqa: D102
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:  # noqa: D102
-        self.searcher.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str) -> None:  # noqa: D102
-        self.searcher.restore(checkpoint_path)
 
     # -- the rungs -----------------------------------------------------------------------------
 
