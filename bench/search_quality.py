@@ -487,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.table} does not exist; run bench/collect_curves.py first")
     start = time.perf_counter()
     table = _table(str(args.table))
+    if len(table.axes["stage1_epochs"]) < 2:  # nothing to halve over (e.g. a --quick table)
+        dropped = [n for n in names if SEARCHERS[n].get("scheduler.type") == "two_axis"]
+        names = [n for n in names if n not in dropped]
+        if dropped:
+            print(f"skipping {', '.join(dropped)}: the table has one stage-1 budget")
     trials = args.trials or replay_space(table, {}, 0).num_samples
     if args.no_default_point:
         for name in names:
