@@ -26,16 +26,6 @@ sys.path.insert(0, str(ROOT))
 from collect_curves import SPACE, grid_config  # noqa: E402  (the collection's configs)
 
 
-class _Splits:
-    """The worker loop's session for a scoring pass: the splits in this process."""
-
-    def __init__(self, datasets: dict[str, Any]) -> None:
-        self._datasets = datasets
-
-    def dataset(self, key: str) -> Any:
-        return self._datasets[key]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, default=ROOT / "bench" / "curves" / "curves.parquet")
@@ -52,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from dtlray.stages import build_model, finetune_stage
     from dtlray.train_loop import target_logme
     from dtlray.trial import plan_trial
-    from dtlray.worker import WorkerEnv
+    from dtlray.worker import WorkerEnv, read_shard
 
     torch.set_num_threads(1)
     table = pq.read_table(args.table).to_pylist()
@@ -86,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=cfg.seed,
             image_size=cfg.data.image_size,
             channels=cfg.data.channels,
-            session=_Splits(trial.datasets),
         )
-        scores = target_logme(model, spec, (), env)
+        train = {t.name: read_shard(trial.datasets[t.train_key], t.meta) for t in spec.tasks}
+        scores = target_logme(model, spec, train, env)
         rows.append(((backbone, depth, s1), scores, best[(backbone, depth, s1)]))
         shown = "  ".join(f"{k.split('/')[1]} {v:+.4f}" for k, v in scores.items())
         print(f"{backbone:9} depth {depth} stage-1 epochs {s1}: LogME {shown}   "

@@ -252,8 +252,8 @@ def replay(
     if not overrides.get(UNORDERED):  # as dtlray tune wraps every searcher when reusing stage 1
         searcher = Stage1OrderedSearch(
             searcher,
-            stage1_key=lambda config: repr(table.curve(config).stage1_key),
-            is_stored=lambda key: _ready_by(stage1_ready, key, clock["now"]),
+            stage1_key=lambda config: table.curve(config).stage1_key,
+            is_stored=lambda key: stage1_ready.get(key, math.inf) <= clock["now"],
             num_samples=max_trials,
         )
     scheduler = build_trial_scheduler(space)
@@ -377,10 +377,6 @@ class StageTree:
         if constant > have:
             phases.append((constant, start + (constant - have) * per_epoch))
         return (budget - have) * per_epoch
-
-
-def _ready_by(ready: dict[tuple[Any, ...], float], key: str, now: float) -> bool:
-    return any(repr(k) == key and t <= now for k, t in ready.items())
 
 
 def _replay_job(

@@ -94,13 +94,14 @@ def run_baseline(
                 run_cfg,
                 storage_path=ExperimentDir(str(experiment)).baseline_dir,
                 run_name=f"scratch-{trial_id}-{digest}",
-                run_test=True,
+                run_test=False,  # tested once below, from its checkpoint, image by image
             )
             result = run_trainer(trainer)
             if result.checkpoint is None:
                 raise DtlrayError(f"the scratch baseline run {result.path} left no checkpoint")
-            _, predictions = evaluate_checkpoint(result.checkpoint.path)
+            test, predictions = evaluate_checkpoint(result.checkpoint.path)
             metrics = {k: v for k, v in (result.metrics or {}).items() if _is_finite_number(v)}
+            metrics.update(test)
             runs.append(
                 {
                     "seed": seed,

@@ -16,10 +16,9 @@ from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, read_split_table
 from dtlray.experiment import filesystem
 from dtlray.stages import build_model, finetune_stage
+from dtlray.train_loop import evaluate
 from dtlray.trial_data import ensure_dataset, metas_for
-from dtlray.worker import WorkerEnv, model_input
-
-_BATCH_ROWS = 512
+from dtlray.worker import InMemorySplit, WorkerEnv
 
 
 def evaluate_checkpoint(
@@ -50,28 +49,20 @@ def evaluate_checkpoint(
         image_size=cfg.data.image_size,
         channels=cfg.data.channels,
     )
-    model.to(env.device).eval()
-    predictions = {}
+    model.to(env.device)
+    data = {}
     for task in spec.tasks:
         table = read_split_table(infos[task.name], split)
-        images = decode_uint8(table.column("image"), task.meta.image_shape)
-        preds = []
-        with torch.inference_mode():
-            for start in range(0, images.shape[0], _BATCH_ROWS):
-                x = model_input(images[start : start + _BATCH_ROWS], env, augment=False)
-                preds.append(model(x)[task.name].argmax(dim=1).cpu())
-        predictions[task.name] = {
-            "label": table.column("label").to_numpy().astype("int64").tolist(),
-            "pred": torch.cat(preds).tolist() if preds else [],
-        }
-    metrics = {f"target/{name}/{split}_acc": accuracy(p) for name, p in predictions.items()}
-    metrics[f"target/{split}_acc"] = sum(metrics.values()) / len(metrics)
+        data[task.name] = InMemorySplit(
+            decode_uint8(table.column("image"), task.meta.image_shape),
+            torch.from_numpy(table.column("label").to_numpy().astype("int64")),
+        )
+    predicted: dict[str, torch.Tensor] = {}
+    results = evaluate(model, spec.tasks, data, env, predictions=predicted)
+    metrics = {f"target/{name}/{split}_acc": acc for name, (acc, _) in results.items()}
+    metrics[f"target/{split}_acc"] = sum(acc for acc, _ in results.values()) / len(results)
+    predictions = {
+        name: {"label": data[name].labels.tolist(), "pred": predicted[name].tolist()}
+        for name in results
+    }
     return metrics, predictions
-
-
-def accuracy(predictions: dict[str, list[int]]) -> float:
-    """The share of ``predictions["pred"]`` equal to ``predictions["label"]``."""
-    labels, preds = predictions["label"], predictions["pred"]
-    if not labels:
-        raise ValueError("no examples to score")
-    return sum(a == b for a, b in zip(labels, preds, strict=True)) / len(labels)

@@ -202,6 +202,20 @@ class ExperimentDir:
         """Store the best-trial summary as ``best.json``."""
         write_json(self.file(BEST_FILE), summary)
 
+    def write_predictions(self, trial_id: str | None, tasks: Mapping[str, Any]) -> None:
+        """Store the best trial's per-image test predictions (task -> ``{label, pred}``)."""
+        write_json(
+            self.file(PREDICTIONS_FILE), {"trial_id": trial_id, "split": "test", "tasks": tasks}
+        )
+
+    def read_predictions(self, trial_id: str | None) -> dict[str, Any] | None:
+        """The stored test predictions of ``trial_id``; None if none are, or another trial's."""
+        path = self.file(PREDICTIONS_FILE)
+        if not exists(path):
+            return None
+        stored = read_json(path)
+        return stored["tasks"] if stored.get("trial_id") == trial_id else None
+
     def read_best(self) -> dict[str, Any] | None:
         """``best.json``, or None when the search has not written it (yet)."""
         path = self.file(BEST_FILE)

@@ -28,7 +28,7 @@ from ray.tune.search import Searcher
 from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
 from dtlray.errors import DtlrayError
-from dtlray.experiment import PREDICTIONS_FILE, ExperimentDir, default_name, write_json
+from dtlray.experiment import ExperimentDir, default_name
 from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE, STAGE1_REUSED_EPOCHS
 from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
@@ -216,18 +216,15 @@ def build_tuner(
     if study_storage == "auto":
         study_storage = _default_study_storage(experiment)
     experiment.write_space(space)
+    searcher = build_searcher(space, study_name=experiment.name, study_storage=study_storage)
+    if reuse_stage1:
+        searcher = _stage1_ordered(searcher, space, experiment.storage_path)
     return tune.Tuner(
         _trainable(space, experiment, reuse_stage1),
         tune_config=tune.TuneConfig(
             metric=space.objective.metric,
             mode=space.objective.mode,
-            search_alg=_stage1_ordered(
-                build_searcher(space, study_name=experiment.name, study_storage=study_storage),
-                space,
-                experiment.storage_path,
-            )
-            if reuse_stage1
-            else build_searcher(space, study_name=experiment.name, study_storage=study_storage),
+            search_alg=searcher,
             scheduler=build_trial_scheduler(space),
             num_samples=space.num_samples,
             # Without this Tune runs a non-default searcher one trial at a time.
@@ -251,8 +248,7 @@ class Stage1Keys:
         self._fingerprint = source.fingerprint
 
     def __call__(self, config: Mapping[str, Any]) -> str | None:
-        keys = self._space.trial_keys
-        cfg = self._space.trial_config({k: v for k, v in config.items() if k in keys})
+        cfg = self._space.sampled_trial_config(config)
         return None if cfg.stage2.init == "scratch" else cfg.stage1_key(self._fingerprint)
 
 
@@ -468,7 +464,7 @@ def summarize_best(
             f"no trial reported {metric!r} ({why}{err}); see the trial errors above"
         ) from None
     sampled = {k: v for k, v in best.config.items() if k in space.trial_keys}
-    cfg = space.trial_config(sampled)
+    cfg = space.sampled_trial_config(sampled)
     summary: dict[str, Any] = {
         "objective": {"metric": metric, "mode": mode, "value": best.metrics.get(metric)},
         "trial_id": best.metrics.get("trial_id"),
@@ -492,9 +488,6 @@ def summarize_best(
         )
         summary["test"] = test
         # Per image, for the report's paired comparison with the scratch baseline.
-        write_json(
-            experiment.file(PREDICTIONS_FILE),
-            {"trial_id": summary["trial_id"], "split": "test", "tasks": predictions},
-        )
+        experiment.write_predictions(summary["trial_id"], predictions)
     experiment.write_best(summary)
     return summary

@@ -290,6 +290,10 @@ class SearchSpace(_Strict):
         values = {**self.default_values(), **(sampled or {})}
         return TrialConfig.from_flat(values, base=self.trial)
 
+    def sampled_trial_config(self, config: Mapping[str, Any]) -> TrialConfig:
+        """The trial of a Tune config: its :attr:`trial_keys` values, anything else ignored."""
+        return self.trial_config({k: v for k, v in config.items() if k in self.trial_keys})
+
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file.

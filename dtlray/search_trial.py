@@ -129,8 +129,7 @@ def run_trial_fn(
 def trial_resources(space_dict: dict[str, Any], config: dict[str, Any]) -> Any:
     """A one-worker trial holds its worker's CPUs (and GPU); a multi-worker one only a sliver
     for its driver, its worker group reserving the rest."""
-    space = parse_space(space_dict, source="<space>")
-    cfg = space.trial_config({k: v for k, v in config.items() if k in space.trial_keys})
+    cfg = parse_space(space_dict, source="<space>").sampled_trial_config(config)
     if not runs_in_trial(cfg):
         return tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])
     bundle = {"CPU": cfg.resources.cpus_per_worker}

@@ -174,13 +174,17 @@ def run_worker(
             torch.manual_seed(cfg.seed + 1)
             model.reset_heads(finetune.heads)
             model.to(env.device)
-            if stage1.mode != "scratch":
-                stage1.logme = target_logme(model, finetune, plan.stream_keys, env)
+        # Read once: LogME scores the trunk on the same train data the finetune then trains on.
+        train_data = {
+            t.name: train_source(t, finetune, plan.stream_keys, env) for t in finetune.tasks
+        }
+        if resume is None and stage1.mode != "scratch":
+            stage1.logme = target_logme(model, finetune, train_data, env)
         run_stage(
             finetune,
             model,
             env,
-            stream_keys=plan.stream_keys,
+            train_data=train_data,
             resume=resume,
             on_epoch_end=report,
             run_test=plan.run_test,
@@ -303,18 +307,19 @@ def _stage1_tree_start(
 
 @torch.inference_mode()
 def target_logme(
-    model: TransferModel, spec: StageSpec, stream_keys: tuple[str, ...], env: WorkerEnv
+    model: TransferModel,
+    spec: StageSpec,
+    train_data: Mapping[str, InMemorySplit | StreamingSplit],
+    env: WorkerEnv,
 ) -> dict[str, float]:
     """LogME of the trunk's features on each target's train split: a zero-training estimate of
-    how well this stage 1 suits the target (see :mod:`dtlray.logme`)."""
-    assert env.session is not None
+    how well this stage 1 suits the target (see :mod:`dtlray.logme`). Streamed splits are left
+    out (a second pass over data too large to hold is not worth it)."""
     model.eval()
     scores = {}
     for task in spec.tasks:
-        if task.train_key in stream_keys:  # too large to hold: not worth a second pass
-            continue
-        split = read_shard(env.session.dataset(task.train_key), task.meta)
-        if len(split) < 2:
+        split = train_data[task.name]
+        if not isinstance(split, InMemorySplit) or len(split) < 2:
             continue
         features = [
             model.features(model_input(split.images[i : i + _EVAL_BATCH_ROWS], env, False))
@@ -338,6 +343,7 @@ def run_stage(
     env: WorkerEnv,
     *,
     stream_keys: tuple[str, ...] = (),
+    train_data: Mapping[str, InMemorySplit | StreamingSplit] | None = None,
     resume: Resume | None = None,
     on_epoch_end: Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
     run_test: bool = False,
@@ -350,13 +356,16 @@ def run_stage(
         model: the (unwrapped) model; its heads must match ``spec.heads``.
         env: where this worker runs.
         stream_keys: train keys to stream each epoch instead of keeping in memory.
+        train_data: the stage's train splits, when the caller read them already (then
+            ``stream_keys`` is not used).
         resume: a finetune checkpoint to continue from.
         on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch; ``state()``
             builds the checkpoint state, only when one is written.
         run_test: evaluate the test splits after the last epoch.
         test_every_epoch: with ``run_test``, after every epoch.
     """
-    train_data = {t.name: train_source(t, spec, stream_keys, env) for t in spec.tasks}
+    if train_data is None:
+        train_data = {t.name: train_source(t, spec, stream_keys, env) for t in spec.tasks}
     agree_on_sizes(train_data, env)
     assert env.session is not None
     val_data = {t.name: read_shard(env.session.dataset(t.val_key), t.meta) for t in spec.tasks}
@@ -593,8 +602,13 @@ def evaluate(
     tasks: tuple[TaskSpec, ...],
     data: Mapping[str, InMemorySplit],
     env: WorkerEnv,
+    predictions: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Accuracy and mean loss per task over this rank's exactly-once shard, all-reduced.
+
+    Args:
+        predictions: if given, filled with each task's predicted class per example of this
+            rank's shard, in its order.
 
     Returns:
         ``{task: (accuracy, mean cross-entropy)}``, identical on every rank.
@@ -605,15 +619,19 @@ def evaluate(
     sums = torch.zeros(len(names), 3, dtype=torch.float64, device=env.device)
     for i, name in enumerate(names):
         split = data[name]
+        predicted = []
         for start in range(0, len(split), _EVAL_BATCH_ROWS):
             images = split.images[start : start + _EVAL_BATCH_ROWS]
             labels = split.labels[start : start + _EVAL_BATCH_ROWS].to(env.device)
             with _autocast(env):
                 logits = model(model_input(images, env, augment=False))[name]
             logits = logits.float()
-            sums[i, 0] += (logits.argmax(dim=1) == labels).sum().item()
+            predicted.append(logits.argmax(dim=1))
+            sums[i, 0] += (predicted[-1] == labels).sum().item()
             sums[i, 1] += F.cross_entropy(logits, labels, reduction="sum").item()
             sums[i, 2] += labels.shape[0]
+        if predictions is not None:
+            predictions[name] = torch.cat(predicted).cpu() if predicted else torch.empty(0)
     if env.world_size > 1:
         dist.all_reduce(sums)
     model.train()

@@ -64,8 +64,9 @@ class TwoAxisSearch(SearcherWrapper):
         # Per budget: configuration (as JSON) -> its value there; and those already promoted.
         self._rungs: list[dict[str, float]] = [{} for _ in budgets]
         self._promoted: list[set[str]] = [set() for _ in budgets]
-        self._trials: dict[str, tuple[str, int]] = {}  # trial id -> (configuration, budget index)
-        self._new: set[str] = set()  # trials the inner searcher proposed (it learns from them)
+        # trial id -> (configuration, budget index); the inner searcher proposed (and learns
+        # from) the ones at index 0.
+        self._trials: dict[str, tuple[str, int]] = {}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # noqa: D102
         if self._started >= self._num_samples:
@@ -78,17 +79,19 @@ class TwoAxisSearch(SearcherWrapper):
         config = self.searcher.suggest(trial_id)
         if config is None or config == Searcher.FINISHED:
             return config
-        self._new.add(trial_id)
         return self._start(trial_id, json.dumps(config, sort_keys=True), 0)
 
+    def _is_new(self, trial_id: str) -> bool:
+        return trial_id in self._trials and self._trials[trial_id][1] == 0
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:  # noqa: D102
-        if trial_id in self._new:
+        if self._is_new(trial_id):
             self.searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(  # noqa: D102
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
-        if trial_id in self._new:
+        if self._is_new(trial_id):
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
         if trial_id not in self._trials or error or not result:
             return

@@ -12,15 +12,7 @@ import numpy as np
 
 from dtlray.baseline import BASELINE_FILE, baseline_file
 from dtlray.errors import DtlrayError
-from dtlray.experiment import (
-    BASELINE_DIR,
-    BEST_FILE,
-    PREDICTIONS_FILE,
-    ExperimentDir,
-    exists,
-    read_json,
-    write_json,
-)
+from dtlray.experiment import BASELINE_DIR, BEST_FILE, ExperimentDir, exists, read_json
 
 if TYPE_CHECKING:
     from dtlray.config import TrialConfig
@@ -46,14 +38,15 @@ def stage1_summary(trials: Sequence[TrialRecord]) -> Stage1Summary:
     computed = [t for t in used if t.stage1 == "computed"]
     reused = [t for t in used if t.stage1 == "reused"]
     continued = [t for t in computed if t.stage1_reused_epochs > 0]
+    # A computed trial's own work is its stage1/seconds (for a continued one: what it trained
+    # on top of the stored constant phase; otherwise the whole compute).
+    spent = sum(t.stage1_seconds for t in continued)
+    spent += sum(t.stage1_compute_seconds for t in computed if t.stage1_reused_epochs == 0)
     return Stage1Summary(
         computed=len(computed),
         reused=len(reused),
         not_used=sum(1 for t in used if t.stage1 == "scratch"),
-        # A continued trial's own work: what it trained on top of the stored constant phase.
-        seconds_spent=sum(
-            t.stage1_seconds if t in continued else t.stage1_compute_seconds for t in computed
-        ),
+        seconds_spent=spent,
         seconds_saved=sum(t.stage1_compute_seconds for t in reused)
         + sum(t.stage1_compute_seconds - t.stage1_seconds for t in continued),
         continued=len(continued),
@@ -246,18 +239,16 @@ def finetuned_predictions(experiment: Path, best: Mapping[str, Any]) -> tuple[An
         ``(predictions, "")`` (task -> ``{"label", "pred"}``), or ``(None, why)``.
     """
     exp = ExperimentDir(str(experiment))
-    path = exp.file(PREDICTIONS_FILE)
-    if exists(path):
-        stored = read_json(path)
-        if stored.get("trial_id") == best.get("trial_id"):
-            return stored["tasks"], ""
+    stored = exp.read_predictions(best.get("trial_id"))
+    if stored is not None:
+        return stored, ""
     checkpoint = best.get("checkpoint_path")
     if not checkpoint or not exists(checkpoint):
         return None, f"the best trial's checkpoint is gone ({checkpoint})"
     from dtlray.evaluate import evaluate_checkpoint
 
     _, predictions = evaluate_checkpoint(checkpoint)
-    write_json(path, {"trial_id": best.get("trial_id"), "split": "test", "tasks": predictions})
+    exp.write_predictions(best.get("trial_id"), predictions)
     return predictions, ""
 
 
