@@ -14,8 +14,8 @@ import torch
 from dtlray.checkpoints import CHECKPOINT_FILE, CHECKPOINT_META
 from dtlray.config import TrialConfig
 from dtlray.data import decode_uint8, read_split_table
-from dtlray.experiment import filesystem
 from dtlray.stages import build_model, finetune_stage
+from dtlray.storage import filesystem
 from dtlray.train_loop import evaluate
 from dtlray.trial_data import ensure_dataset, metas_for
 from dtlray.worker import InMemorySplit, WorkerEnv

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtlray.errors import DtlrayError
+from dtlray.storage import filesystem, is_uri
 
 if TYPE_CHECKING:
-    import pyarrow.fs as pafs
-
     from dtlray.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,6 @@ STUDY_FILE = "optuna.db"
 BASELINE_DIR = "baseline"
 REPORT_DIR = "report"
 STAGE1_CACHE_DIR = "_stage1"
-
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` is a URI (``s3://...``) rather than a local path."""
-    return "://" in path
 
 
 def resolve_storage_path(path: str | None) -> str:
@@ -73,15 +67,6 @@ def default_name(space_name: str | None, prefix: str = "") -> str:
 def stage1_cache_root(storage_path: str) -> str:
     """Where stage-1 results of every experiment on ``storage_path`` are kept."""
     return f"{storage_path.rstrip('/')}/{STAGE1_CACHE_DIR}"
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The ``pyarrow`` filesystem of a local path or URI, and the path inside it."""
-    import pyarrow.fs as pafs
-
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:

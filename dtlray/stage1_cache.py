@@ -22,7 +22,8 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from dtlray.experiment import filesystem, stage1_cache_root
+from dtlray.experiment import stage1_cache_root
+from dtlray.storage import filesystem
 
 TRUNK_FILE = "trunk.pt"
 RECORD_FILE = "record.json"

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dtlray.data.layout import BUILTIN_DATASETS, DatasetInfo, resolve_root
+from dtlray.data.layout import BUILTIN_DATASETS, DEFAULT_ROOT, DatasetInfo, resolve_root
 from dtlray.data.prepare import Prepared, Recipe, SourceImages, prepare_dataset
 from dtlray.errors import DtlrayError
+from dtlray.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def build_builtin(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DtlrayError(f"--seed must be a non-negative integer, got {seed!r}")
     builtin = _BUILTINS[name]
-    root_path = resolve_root(root)
+    resolved = resolve_root(root)
+    # Raw downloads stay on this machine: under a local root, or beside the default one.
+    root_path = Path(resolve_root(DEFAULT_ROOT) if is_uri(resolved) else resolved)
     located: Path | None = None
     if name == "fashion-mnist":  # fail before any work when the raw files are missing
         located = _locate_fashion_mnist(source_dir, root_path, download=download)
@@ -97,7 +100,7 @@ def build_builtin(
         versions=builtin.versions,
     )
     return prepare_dataset(
-        name, root_path, recipe, lambda: builtin.load(located, root_path), force=force, limit=limit
+        name, resolved, recipe, lambda: builtin.load(located, root_path), force=force, limit=limit
     )
 
 

@@ -23,6 +23,7 @@ from dtlray.data.layout import (
 from dtlray.data.prepare import Prepared
 from dtlray.data.read import describe_dataset
 from dtlray.errors import DtlrayError
+from dtlray.storage import join
 
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_CHANNELS = 3
@@ -67,7 +68,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"built-in dataset: {', '.join(BUILTIN_DATASETS)}",
     )
     prepare.add_argument(
-        "--root", metavar="DIR", help="data root (default: $DTLRAY_DATA or ~/.cache/dtlray/data)"
+        "--root",
+        metavar="DIR|URI",
+        help="data root: a directory or a URI such as s3://BUCKET/data "
+        "(default: $DTLRAY_DATA or ~/.cache/dtlray/data)",
     )
     prepare.add_argument(
         "--seed", type=int, default=0, help="seed of the stratified splits (default 0)"
@@ -113,7 +117,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     listing = actions.add_parser("list", help="list prepared datasets")
     listing.add_argument(
-        "--root", metavar="DIR", help="data root (default: $DTLRAY_DATA or ~/.cache/dtlray/data)"
+        "--root",
+        metavar="DIR|URI",
+        help="data root: a directory or a URI such as s3://BUCKET/data "
+        "(default: $DTLRAY_DATA or ~/.cache/dtlray/data)",
     )
     listing.set_defaults(handler=run_list)
     return data
@@ -205,7 +212,7 @@ def run_list(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         try:
-            rows.append(_list_row(read_info(root / name)))
+            rows.append(_list_row(read_info(join(root, name))))
         except DtlrayError as err:
             rows.append([name, f"invalid: {err}", "", "", "", ""])
     print(f"datasets in {root}:")

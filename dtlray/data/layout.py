@@ -1,6 +1,7 @@
 """Where prepared datasets live and what ``dataset.json`` says about them.
 
-A prepared dataset is one directory::
+A prepared dataset is one directory (or object-storage prefix: the root may be a URI such as
+``s3://bucket/data``)::
 
     <root>/<name>/dataset.json             # DatasetInfo, written last
     <root>/<name>/<split>/part-NNNNN.parquet  # columns: image (binary, H*W*C uint8), label (int64)
@@ -8,6 +9,7 @@ A prepared dataset is one directory::
 ``dataset.json`` lists every part file with its row count, size and sha256; the fingerprint is a
 hash over those (plus the classes and the image shape), so two datasets with the same fingerprint
 hold the same bytes, and a reader can check the files against it before reading them.
+``dataset.json`` is written last: a directory without it is no dataset (a crashed prepare).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dtlray.errors import DtlrayError
+from dtlray.storage import check_location, filesystem, is_uri, join, storage_error
 
 BUILTIN_DATASETS: tuple[str, ...] = ("fashion-mnist", "digits", "faces")
 """Names that ``dtlray data prepare NAME`` builds from data installed on this machine."""
@@ -39,18 +42,22 @@ DEFAULT_ROOT = Path("~/.cache/dtlray/data")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def resolve_root(root: str | os.PathLike[str] | None) -> Path:
+def resolve_root(root: str | os.PathLike[str] | None) -> str:
     """Return the data root: ``root``, else ``$DTLRAY_DATA``, else ``~/.cache/dtlray/data``.
 
     Args:
-        root: An explicit root directory (``--root``), or None.
+        root: An explicit root (``--root``): a directory, or a URI that ``pyarrow.fs``
+            understands (``s3://bucket/prefix``), or None.
 
     Returns:
-        The absolute root path (``~`` expanded). It is not created here.
+        The absolute root directory (``~`` expanded), or the URI without a trailing ``/``. It is
+        not created here.
     """
     if root is None or str(root) == "":
         root = os.environ.get(DATA_ENV_VAR) or DEFAULT_ROOT
-    return Path(os.path.abspath(Path(root).expanduser()))
+    if is_uri(str(root)):
+        return str(root).rstrip("/")
+    return os.path.abspath(Path(root).expanduser())
 
 
 def validate_name(name: str) -> str:
@@ -139,7 +146,7 @@ class DatasetInfo(BaseModel):
         files: Part files per split, with rows, size and sha256 each.
         fingerprint: Content hash over ``classes``, ``image_shape`` and ``files``.
         provenance: How it was made (builder, arguments, seed, source, versions, time).
-        path: The dataset directory (not stored in ``dataset.json``; set when loading).
+        path: The dataset directory or URI (not stored in ``dataset.json``; set when loading).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -152,7 +159,7 @@ class DatasetInfo(BaseModel):
     files: dict[str, tuple[ShardInfo, ...]]
     fingerprint: str
     provenance: Provenance
-    path: Path = Field(exclude=True)
+    path: str = Field(exclude=True)
 
     @model_validator(mode="after")
     def _check_consistent(self) -> DatasetInfo:
@@ -199,8 +206,13 @@ class DatasetInfo(BaseModel):
         """Rows over all splits."""
         return sum(self.splits.values())
 
-    def split_files(self, split: str) -> list[Path]:
-        """Absolute paths of the part files of ``split``, in order.
+    @property
+    def root(self) -> str:
+        """The data root the dataset lives in (path or URI)."""
+        return self.path.rstrip("/").rsplit("/", 1)[0]
+
+    def split_files(self, split: str) -> list[str]:
+        """Absolute paths (or URIs) of the part files of ``split``, in order.
 
         Args:
             split: ``train``, ``val`` or ``test``.
@@ -216,23 +228,37 @@ class DatasetInfo(BaseModel):
             raise DtlrayError(
                 f"dataset {self.name!r} has no split {split!r}: use one of {', '.join(SPLITS)}"
             )
-        return [self.path / shard.file for shard in self.files[split]]
+        return [join(self.path, shard.file) for shard in self.files[split]]
 
     def to_json(self) -> str:
         """The ``dataset.json`` text (everything but ``path``)."""
         return self.model_dump_json(indent=2) + "\n"
 
 
-def read_info(path: Path) -> DatasetInfo:
+def read_info(path: str) -> DatasetInfo:
     """Read ``<path>/dataset.json`` into a :class:`DatasetInfo` whose ``path`` is ``path``.
+
+    Args:
+        path: The dataset directory or URI.
 
     Raises:
         FileNotFoundError: There is no ``dataset.json``.
-        DtlrayError: It exists but is not valid.
+        DtlrayError: It exists but is not valid, or the object store failed (one line each).
     """
-    info_file = path / INFO_FILE
-    text = info_file.read_text(encoding="utf-8")
-    fix = f"rebuild it with `dtlray data prepare {path.name} --force`"
+    import pyarrow.fs as pafs
+
+    info_file = join(path, INFO_FILE)
+    fs, inner = filesystem(info_file)
+    try:
+        if fs.get_file_info(inner).type != pafs.FileType.File:
+            raise FileNotFoundError(info_file)
+        with fs.open_input_stream(inner) as handle:
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise storage_error(info_file, err) from None
+    fix = f"rebuild it with `dtlray data prepare {path.rstrip('/').rsplit('/', 1)[-1]} --force`"
     try:
         data = json.loads(text)
         if not isinstance(data, dict):
@@ -257,14 +283,16 @@ def load_info(name: str, root: str | os.PathLike[str] | None = None) -> DatasetI
 
     Raises:
         DtlrayError: The name is invalid, the dataset is not prepared under the root (the message
-            says how to prepare it), or its ``dataset.json`` is invalid.
+            says how to prepare it), its ``dataset.json`` is invalid, or the root is a URI whose
+            bucket, endpoint or credentials do not work (one line each).
     """
     resolved = resolve_root(root)
-    path = resolved / validate_name(name)
+    path = join(resolved, validate_name(name))
     try:
         return read_info(path)
     except FileNotFoundError:
         pass
+    check_location(resolved)  # a missing bucket says so, not "not prepared"
     if name in BUILTIN_DATASETS:
         how = f"`dtlray data prepare {name} --root {resolved}`"
     else:
@@ -274,12 +302,26 @@ def load_info(name: str, root: str | os.PathLike[str] | None = None) -> DatasetI
     raise DtlrayError(f"dataset {name!r} is not prepared in {resolved}{there}: run {how}")
 
 
-def list_dataset_names(root: Path) -> list[str]:
-    """Names of the directories under ``root`` that hold a ``dataset.json``, sorted."""
-    if not root.is_dir():
-        return []
+def list_dataset_names(root: str) -> list[str]:
+    """Names of the directories under ``root`` (path or URI) that hold a ``dataset.json``, sorted.
+
+    Raises:
+        DtlrayError: the root is a URI whose bucket, endpoint or credentials do not work.
+    """
+    import pyarrow.fs as pafs
+
+    check_location(root)
+    fs, inner = filesystem(root)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+        names = [
+            entry.base_name
+            for entry in entries
+            if entry.type == pafs.FileType.Directory and not entry.base_name.startswith(".")
+        ]
+        found = fs.get_file_info([f"{inner}/{name}/{INFO_FILE}" for name in names])
+    except OSError as err:
+        raise storage_error(root, err) from None
     return sorted(
-        entry.name
-        for entry in root.iterdir()
-        if not entry.name.startswith(".") and (entry / INFO_FILE).is_file()
+        name for name, info in zip(names, found, strict=True) if info.type == pafs.FileType.File
     )

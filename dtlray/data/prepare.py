@@ -12,6 +12,12 @@ arguments that decide the content). :func:`prepare_dataset` does the rest:
    dataset or a whole one; a crash leaves only a hidden ``.<name>.tmp-*`` directory, which the next
    prepare on this host removes once its process is gone. When two processes race, the first
    rename wins and the other one reuses the winner's dataset.
+
+On object storage (a URI root) there is no rename: the shards are written in place and
+``dataset.json`` last, in one PUT that the store makes visible only when complete, so it is the
+commit. A crash leaves shards without ``dataset.json``, which no reader takes for a dataset and
+the next prepare clears; ``--force`` first withdraws the old ``dataset.json``. Two prepares of one
+dataset on object storage at the same time are not supported (the last one wins).
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dtlray.data.layout import (
@@ -49,6 +56,7 @@ from dtlray.data.layout import (
     validate_name,
 )
 from dtlray.errors import DtlrayError
+from dtlray.storage import check_location, filesystem, is_uri, join, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +183,10 @@ def prepare_dataset(
     validate_name(name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DtlrayError(f"--limit must be a positive number of rows per split, got {limit!r}")
-    root_path = resolve_root(root)
+    resolved = resolve_root(root)
+    if is_uri(resolved):
+        return _prepare_in_store(name, resolved, recipe, load, force=force, limit=limit)
+    root_path = Path(resolved)
     target = root_path / name
     if not force:
         existing = _existing_dataset(target)
@@ -193,7 +204,7 @@ def prepare_dataset(
     try:
         _remove_stale_temp_dirs(root_path, name, keep=tmp)
         source = load()
-        info = _write_dataset(tmp, name, source, recipe, limit=limit)
+        info = _write_dataset(_LocalSink(tmp), name, source, recipe, limit=limit, path=str(tmp))
         published = _publish(tmp, target, force=force)
     finally:
         if tmp.exists():
@@ -206,7 +217,7 @@ def prepare_dataset(
             _rows_text(info),
             target,
         )
-        return Prepared(read_info(target), reused=False)
+        return Prepared(read_info(str(target)), reused=False)
     logger.info("%s: another process prepared it at the same time", name)
     existing = _existing_dataset(target)
     if existing is None:  # the winner's dataset vanished again (a concurrent --force)
@@ -214,7 +225,99 @@ def prepare_dataset(
     return Prepared(_reuse(existing, recipe), reused=True)
 
 
+def _prepare_in_store(
+    name: str,
+    root: str,
+    recipe: Recipe,
+    load: Callable[[], SourceImages],
+    *,
+    force: bool,
+    limit: int | None,
+) -> Prepared:
+    """:func:`prepare_dataset` on object storage: shards in place, ``dataset.json`` last."""
+    check_location(root)
+    target = join(root, name)
+    fs, inner = filesystem(target)
+    try:
+        existing = read_info(target)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not force:
+        return Prepared(_reuse(existing, recipe), reused=True)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise storage_error(target, err) from None
+    foreign = [
+        entry.path
+        for entry in entries
+        if entry.type == pafs.FileType.File and not _is_dataset_file(entry.path[len(inner) + 1 :])
+    ]
+    if foreign:
+        raise DtlrayError(
+            f"{target} holds files that are not a dtlray dataset's (e.g. {foreign[0]}), so "
+            "prepare will not write there: move them away or choose another --name/--root"
+        )
+    try:
+        if existing is not None:  # --force: withdraw the old dataset before changing its shards
+            fs.delete_file(f"{inner}/{INFO_FILE}")
+        if entries:
+            logger.info(
+                "%s: clearing %d files of an unfinished or replaced prepare", name, len(entries)
+            )
+            fs.delete_dir_contents(inner, missing_dir_ok=True)
+        source = load()
+        _write_dataset(_StoreSink(fs, inner), name, source, recipe, limit=limit, path=target)
+    except OSError as err:
+        raise storage_error(target, err) from None
+    return Prepared(read_info(target), reused=False)
+
+
+def _is_dataset_file(relative: str) -> bool:
+    """Whether ``relative`` (inside a dataset directory) is a file a prepare writes."""
+    parts = relative.split("/")
+    if parts == [INFO_FILE]:
+        return True
+    return (
+        len(parts) == 2
+        and parts[0] in SPLITS
+        and parts[1].startswith("part-")
+        and parts[1].endswith(".parquet")
+    )
+
+
+class _LocalSink:
+    """Writes a dataset's files into a local directory, each fsynced, then the directories."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def write(self, relative: str, payload: bytes | pa.Buffer) -> None:
+        path = self.directory / relative
+        path.parent.mkdir(exist_ok=True)
+        _write_synced(path, payload)
+
+    def finish(self) -> None:
+        for synced in (*(self.directory / split for split in SPLITS), self.directory):
+            _fsync_dir(synced)
+
+
+class _StoreSink:
+    """Writes a dataset's files to object storage, one PUT (or multipart upload) each."""
+
+    def __init__(self, fs: pafs.FileSystem, directory: str) -> None:
+        self.fs, self.directory = fs, directory
+
+    def write(self, relative: str, payload: bytes | pa.Buffer) -> None:
+        with self.fs.open_output_stream(f"{self.directory}/{relative}") as handle:
+            handle.write(memoryview(payload))
+
+    def finish(self) -> None:
+        """Nothing: an object is durable once its upload returns."""
+
+
 def _existing_dataset(target: Path) -> DatasetInfo | None:
+    """The local dataset at ``target``; None when there is none yet."""
     if not target.exists():
         return None
     if not target.is_dir():
@@ -222,7 +325,7 @@ def _existing_dataset(target: Path) -> DatasetInfo | None:
             f"{target} exists and is not a directory: move it away or choose another --name/--root"
         )
     try:
-        return read_info(target)
+        return read_info(str(target))
     except FileNotFoundError:
         if target.is_dir() and not any(target.iterdir()):
             return None  # an empty directory is no dataset; the rename replaces it
@@ -239,12 +342,12 @@ def _reuse(existing: DatasetInfo, recipe: Recipe) -> DatasetInfo:
         old = existing.provenance
         elsewhere = "--root" if recipe.builder == "builtin" else "--name or --root"
         raise DtlrayError(
-            f"dataset {existing.name!r} in {existing.path.parent} was prepared with other "
+            f"dataset {existing.name!r} in {existing.root} was prepared with other "
             f"arguments ({describe_arguments(old.arguments, old.seed)}) than now "
             f"({recipe.describe()}): pass --force to rebuild it, or use another {elsewhere}"
         )
     for split in SPLITS:
-        validate_split(existing, split, check_hashes=False)
+        validate_split(existing, split, footers=True, check_hashes=False)
     logger.info(
         "%s: reusing the existing dataset in %s (same arguments; --force rebuilds it)",
         existing.name,
@@ -346,9 +449,24 @@ def limit_indices(indices: np.ndarray, labels: np.ndarray, limit: int, seed: int
     return subset
 
 
+class _Sink(Protocol):
+    def write(self, relative: str, payload: bytes | pa.Buffer) -> None: ...
+
+    def finish(self) -> None: ...
+
+
 def _write_dataset(
-    directory: Path, name: str, source: SourceImages, recipe: Recipe, *, limit: int | None
+    sink: _Sink,
+    name: str,
+    source: SourceImages,
+    recipe: Recipe,
+    *,
+    limit: int | None,
+    path: str,
 ) -> DatasetInfo:
+    """Split ``source``, write its shards through ``sink``, then ``dataset.json`` last.
+
+    ``path`` is where the written dataset is (the returned info's ``path``)."""
     image_shape = tuple(int(d) for d in source.images.shape[1:])
     indices = split_indices(source, recipe.seed)
     if limit is not None:
@@ -359,7 +477,7 @@ def _write_dataset(
     files: dict[str, tuple[ShardInfo, ...]] = {}
     for split in SPLITS:
         files[split] = write_split(
-            directory, split, source.images[indices[split]], source.labels[indices[split]], name
+            sink, split, source.images[indices[split]], source.labels[indices[split]], name
         )
     info = DatasetInfo(
         name=name,
@@ -369,21 +487,20 @@ def _write_dataset(
         files=files,
         fingerprint=compute_fingerprint(source.classes, image_shape, files),  # type: ignore[arg-type]
         provenance=recipe.provenance(source.source),
-        path=directory,
+        path=path,
     )
-    _write_synced(directory / INFO_FILE, info.to_json().encode())
-    for synced in (*(directory / split for split in SPLITS), directory):
-        _fsync_dir(synced)
+    sink.write(INFO_FILE, info.to_json().encode())
+    sink.finish()
     return info
 
 
 def write_split(
-    directory: Path, split: str, images: np.ndarray, labels: np.ndarray, name: str = ""
+    sink: _Sink, split: str, images: np.ndarray, labels: np.ndarray, name: str = ""
 ) -> tuple[ShardInfo, ...]:
-    """Write one split as equal-sized Parquet shards ``<directory>/<split>/part-NNNNN.parquet``.
+    """Write one split as equal-sized Parquet shards ``<split>/part-NNNNN.parquet``.
 
     Args:
-        directory: The dataset directory being built.
+        sink: Where the dataset being built is written.
         split: Split name (sub-directory).
         images: ``(N, H, W, C)`` uint8 images.
         labels: ``(N,)`` integer labels.
@@ -392,8 +509,6 @@ def write_split(
     Returns:
         The written shards, in order.
     """
-    split_dir = directory / split
-    split_dir.mkdir()
     row_bytes = int(np.prod(images.shape[1:]))
     rows_per_shard = max(1, min(ROWS_PER_SHARD, MAX_SHARD_BYTES // max(row_bytes, 1)))
     num_shards = max(1, math.ceil(len(images) / rows_per_shard))
@@ -401,15 +516,15 @@ def write_split(
     for number, rows in enumerate(np.array_split(np.arange(len(images)), num_shards)):
         relative = f"{split}/part-{number:05d}.parquet"
         table = images_to_table(images[rows], labels[rows])
-        sink = pa.BufferOutputStream()
+        buffer = pa.BufferOutputStream()
         pq.write_table(
             table,
-            sink,
+            buffer,
             compression=PARQUET_COMPRESSION,
             write_statistics=["label"],  # min/max labels let readers check the range cheaply
         )
-        payload = sink.getvalue()
-        _write_synced(directory / relative, payload)
+        payload = buffer.getvalue()
+        sink.write(relative, payload)
         shards.append(
             ShardInfo(
                 file=relative,

@@ -61,7 +61,7 @@ def test_open_split_validates_before_reading(
 ) -> None:
     shutil.copytree(data_root / "faces", tmp_path / "faces")
     info = load_info("faces", tmp_path)
-    path = info.split_files("test")[0]
+    path = Path(info.split_files("test")[0])
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DtlrayError, match=f"{path} has .* bytes.*--force"):
         open_split(info, "test")

@@ -173,7 +173,7 @@ def test_limit_is_recorded_and_changes_arguments(tmp_path: Path) -> None:
 
 def test_reuse_refuses_a_damaged_dataset(tmp_path: Path) -> None:
     info = prepare_builtin("faces", tmp_path)
-    info.split_files("val")[0].unlink()
+    Path(info.split_files("val")[0]).unlink()
     with pytest.raises(DtlrayError, match=r"val/part-00000\.parquet.*missing.*--force"):
         prepare_builtin("faces", tmp_path)
     assert prepare_builtin("faces", tmp_path, force=True).splits == info.splits
@@ -346,7 +346,7 @@ def test_shards_split_large_splits(tmp_path: Path) -> None:
     info = prepare_builtin("fashion-mnist", tmp_path, limit=25_000)
     assert [len(info.files[split]) for split in SPLITS] == [3, 1, 1]
     assert [shard.rows for shard in info.files["train"]] == [8334, 8333, 8333]
-    assert [p.name for p in info.split_files("train")] == [
+    assert [Path(p).name for p in info.split_files("train")] == [
         "part-00000.parquet",
         "part-00001.parquet",
         "part-00002.parquet",

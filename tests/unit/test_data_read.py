@@ -36,7 +36,7 @@ def faces(data_root: Path, tmp_path: Path) -> DatasetInfo:
 
 def rewrite_shard(info: DatasetInfo, table: pa.Table) -> tuple[DatasetInfo, Path]:
     """Replace train's first shard with ``table`` and make dataset.json agree with it."""
-    path = info.split_files("train")[0]
+    path = Path(info.split_files("train")[0])
     pq.write_table(table, path)
     payload = path.read_bytes()
     shard = ShardInfo(
@@ -46,12 +46,12 @@ def rewrite_shard(info: DatasetInfo, table: pa.Table) -> tuple[DatasetInfo, Path
         sha256=hashlib.sha256(payload).hexdigest(),
     )
     files = {**info.files, "train": (shard,)}
-    data = json.loads((info.path / "dataset.json").read_text())
+    data = json.loads((Path(info.path) / "dataset.json").read_text())
     data["files"]["train"] = [shard.model_dump()]
     data["splits"]["train"] = table.num_rows
     data["fingerprint"] = compute_fingerprint(info.classes, info.image_shape, files)
-    (info.path / "dataset.json").write_text(json.dumps(data))
-    return load_info(info.name, info.path.parent), path
+    (Path(info.path) / "dataset.json").write_text(json.dumps(data))
+    return load_info(info.name, info.root), path
 
 
 def test_valid_splits_pass(faces: DatasetInfo) -> None:
@@ -66,7 +66,7 @@ def test_unknown_split(faces: DatasetInfo) -> None:
 
 
 def test_missing_file(faces: DatasetInfo) -> None:
-    path = faces.split_files("test")[0]
+    path = Path(faces.split_files("test")[0])
     path.unlink()
     with pytest.raises(DtlrayError) as err:
         validate_split(faces, "test")
@@ -75,21 +75,21 @@ def test_missing_file(faces: DatasetInfo) -> None:
 
 
 def test_extra_file(faces: DatasetInfo) -> None:
-    extra = faces.path / "val" / "part-00001.parquet"
-    shutil.copy(faces.split_files("val")[0], extra)
+    extra = Path(faces.path) / "val" / "part-00001.parquet"
+    shutil.copy(Path(faces.split_files("val")[0]), extra)
     with pytest.raises(DtlrayError, match=f"{extra} is not listed in dataset.json"):
         validate_split(faces, "val")
 
 
 def test_truncated_shard(faces: DatasetInfo) -> None:
-    path = faces.split_files("train")[0]
+    path = Path(faces.split_files("train")[0])
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(DtlrayError, match=f"{path} has \\d+ bytes but dataset.json says.*--force"):
         validate_split(faces, "train")
 
 
 def test_tampered_shard_same_size(faces: DatasetInfo) -> None:
-    path = faces.split_files("train")[0]
+    path = Path(faces.split_files("train")[0])
     payload = bytearray(path.read_bytes())
     payload[len(payload) // 2] ^= 0xFF
     path.write_bytes(bytes(payload))
@@ -99,7 +99,7 @@ def test_tampered_shard_same_size(faces: DatasetInfo) -> None:
 
 
 def test_garbage_shard_with_matching_size(faces: DatasetInfo) -> None:
-    path = faces.split_files("val")[0]
+    path = Path(faces.split_files("val")[0])
     path.write_bytes(b"\0" * path.stat().st_size)
     with pytest.raises(DtlrayError, match=f"{path} is not a readable Parquet file"):
         validate_split(faces, "val")
@@ -138,13 +138,13 @@ def test_labels_out_of_range(faces: DatasetInfo) -> None:
 
 
 def test_edited_dataset_json(faces: DatasetInfo) -> None:
-    info_file = faces.path / "dataset.json"
+    info_file = Path(faces.path) / "dataset.json"
     data = json.loads(info_file.read_text())
     data["files"]["val"][0]["rows"] += 1
     data["splits"]["val"] += 1
     info_file.write_text(json.dumps(data))
     with pytest.raises(DtlrayError, match="dataset.json is not a valid.*fingerprint.*--force"):
-        load_info("faces", faces.path.parent)
+        load_info("faces", faces.root)
 
 
 def test_load_info_missing_says_how_to_prepare(data_root: Path, tmp_path: Path) -> None:
@@ -158,13 +158,16 @@ def test_load_info_missing_says_how_to_prepare(data_root: Path, tmp_path: Path) 
 
 def test_resolve_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DTLRAY_DATA", str(tmp_path / "env"))
-    assert resolve_root(tmp_path / "arg") == tmp_path / "arg"
-    assert resolve_root(None) == tmp_path / "env"
+    assert resolve_root(tmp_path / "arg") == str(tmp_path / "arg")
+    assert resolve_root(None) == str(tmp_path / "env")
+    monkeypatch.setenv("DTLRAY_DATA", "s3://bucket/data/")
+    assert resolve_root(None) == "s3://bucket/data"  # URIs pass unchanged, no trailing /
+    assert resolve_root("gs://other") == "gs://other"
     monkeypatch.delenv("DTLRAY_DATA")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert resolve_root(None) == tmp_path / "home" / ".cache" / "dtlray" / "data"
+    assert resolve_root(None) == str(tmp_path / "home" / ".cache" / "dtlray" / "data")
     monkeypatch.chdir(tmp_path)
-    assert resolve_root("rel") == tmp_path / "rel"
+    assert resolve_root("rel") == str(tmp_path / "rel")
 
 
 # --- decoding ------------------------------------------------------------------------------------
