@@ -242,6 +242,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dtlray.metrics import DIVERGED_METRIC, DIVERGED_REASON
     from dtlray.ray_session import init_ray
     from dtlray.search_space import load_space
+    from dtlray.storage import join
     from dtlray.trial import build_trainer, run_trainer
 
     space = load_space(args.space)
@@ -257,17 +258,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = run_trainer(trainer)
+    where = join(storage_path, name)  # result.path drops a URI's scheme
     metrics = result.metrics or {}
     if metrics.get(DIVERGED_METRIC):
         print(f"\ndtlray train: {metrics[DIVERGED_REASON]}", file=sys.stderr)
-        print(f"results: {result.path}")
+        print(f"results: {where}")
         return 1
     print("\nfinal metrics:")
     for key in sorted(metrics):
         value = metrics[key]
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<36} {shown}")
-    print(f"\nresults: {result.path}")
+    print(f"\nresults: {where}")
     return 0
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from dtlray.experiment import REPORT_DIR
+from dtlray.report.remote import fetch_records, publish
 from dtlray.report.sections import DEFAULT_TOP_K, build_report
+from dtlray.storage import is_uri, join
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -28,7 +32,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "interval (paired bootstrap over the test images and the scratch seeds).",
     )
     p.add_argument(
-        "experiment", metavar="EXPERIMENT", help="the experiment directory (<storage-path>/<name>)"
+        "experiment",
+        metavar="EXPERIMENT",
+        help="the experiment directory (<storage-path>/<name>), or its URI (s3://...): then "
+        "its records are mirrored under ~/.cache/dtlray/experiments and the report is "
+        "uploaded beside it",
     )
     p.add_argument(
         "--baseline",
@@ -56,13 +64,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    remote = is_uri(args.experiment)
+    experiment = fetch_records(args.experiment) if remote else args.experiment
     out = build_report(
-        args.experiment,
+        experiment,
         baseline=args.baseline or args.baseline_seeds > 1,
         baseline_seeds=args.baseline_seeds,
         address=args.address,
         top_k=args.top_k,
     )
+    if remote:
+        publish(Path(experiment), args.experiment)
+        print(f"report: {join(args.experiment, REPORT_DIR, 'report.html')}")
+        print(f"        (local copy: {out / 'report.html'})")
+        return 0
     print(f"report: {out / 'report.html'}\n        {out / 'report.md'}")
     return 0
 
