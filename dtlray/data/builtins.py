@@ -72,6 +72,7 @@ def build_builtin(
     limit: int | None = None,
     source_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
+    image_format: str = "raw",
 ) -> Prepared:
     """Like :func:`prepare_builtin`, but also says whether an existing dataset was reused."""
     if name not in BUILTIN_DATASETS:
@@ -98,6 +99,7 @@ def build_builtin(
         arguments={"dataset": name, "limit": limit},
         seed=seed,
         versions=builtin.versions,
+        image_format=image_format,
     )
     return prepare_dataset(
         name, resolved, recipe, lambda: builtin.load(located, root_path), force=force, limit=limit
@@ -113,6 +115,7 @@ def prepare_builtin(
     limit: int | None = None,
     source_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
+    image_format: str = "raw",
 ) -> DatasetInfo:
     """Prepare a built-in dataset (``fashion-mnist``, ``digits``, ``faces``) under the data root.
 
@@ -128,6 +131,8 @@ def prepare_builtin(
             instead of ``/usr/share/datasets/fashion-mnist``.
         download: Fashion-MNIST only: if the files are not found, download them with
             torchvision (needs internet) into ``<root>/.downloads``.
+        image_format: How the images are stored: ``raw`` (the default: the built-ins are tiny
+            images, whose raw rows cost less to read than to decode), ``png`` or ``jpeg``.
 
     Returns:
         The prepared dataset.
@@ -144,6 +149,7 @@ def prepare_builtin(
         limit=limit,
         source_dir=source_dir,
         download=download,
+        image_format=image_format,
     ).info
 
 

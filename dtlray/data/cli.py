@@ -11,7 +11,8 @@ import textwrap
 from typing import Any
 
 from dtlray.data.builtins import build_builtin
-from dtlray.data.folder import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, build_image_folder
+from dtlray.data.codec import IMAGE_FORMATS
+from dtlray.data.folder import ENCODE_FROM_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, build_image_folder
 from dtlray.data.layout import (
     BUILTIN_DATASETS,
     SPLITS,
@@ -77,6 +78,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the stratified splits (default 0)"
     )
     prepare.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    prepare.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        help="how images are stored: raw pixels, or PNG/JPEG files that Ray Data decodes ahead "
+        f"of the trainer (default: raw for the built-ins and for folders under {ENCODE_FROM_SIZE} "
+        "px, jpeg from there)",
+    )
     builtin = prepare.add_argument_group("built-in datasets")
     builtin.add_argument(
         "--limit", type=int, metavar="N", help="keep at most N rows per split (tests)"
@@ -159,6 +167,7 @@ def _prepare_builtin(args: argparse.Namespace) -> Prepared:
         limit=args.limit,
         source_dir=args.source_dir,
         download=args.download,
+        image_format=args.image_format or "raw",
     )
 
 
@@ -184,6 +193,7 @@ def _prepare_folder(args: argparse.Namespace) -> Prepared:
         force=args.force,
         seed=args.seed,
         skip_bad=args.skip_bad,
+        image_format=args.image_format,
     )
 
 
@@ -208,15 +218,15 @@ def run_list(args: argparse.Namespace) -> int:
             "`dtlray data prepare --image-folder DIR --name NAME`"
         )
         return 0
-    header = ["NAME", "CLASSES", "SHAPE", *(split.upper() for split in SPLITS)]
+    header = ["NAME", "CLASSES", "SHAPE", "FORMAT", *(split.upper() for split in SPLITS)]
     rows = []
     for name in names:
         try:
             rows.append(_list_row(read_info(join(root, name))))
         except DtlrayError as err:
-            rows.append([name, f"invalid: {err}", "", "", "", ""])
+            rows.append([name, f"invalid: {err}", "", "", "", "", ""])
     print(f"datasets in {root}:")
-    print(format_table(header, rows, right_aligned={3, 4, 5}))
+    print(format_table(header, rows, right_aligned={4, 5, 6}))
     return 0
 
 
@@ -229,6 +239,7 @@ def _list_row(info: DatasetInfo) -> list[str]:
         info.name,
         classes,
         f"{height}x{width}x{channels}",
+        info.image_format,
         *(f"{info.splits[split]:,}" for split in SPLITS),
     ]
 

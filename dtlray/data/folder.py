@@ -28,6 +28,20 @@ MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 512
 CHANNELS: tuple[int, ...] = (1, 3)
 
+ENCODE_FROM_SIZE = 96
+"""An image folder stored at this size or larger defaults to JPEG, a smaller one to raw pixels.
+
+At 96 px and up a photo's raw pixels are several times its JPEG (about 10x at 224 px; see
+``bench/ingest.py``), so storage, the network and the reads pay for raw rows, and Ray Data's CPUs
+decode JPEG far faster than a GPU trains on it. Below, a raw row is a few KB that zstd already
+compresses, and decoding would cost more CPU than the bytes it saves.
+"""
+
+
+def default_image_format(image_size: int) -> str:
+    """The stored format of an image folder prepared at ``image_size`` without --image-format."""
+    return "jpeg" if image_size >= ENCODE_FROM_SIZE else "raw"
+
 
 def build_image_folder(
     folder: str | os.PathLike[str],
@@ -39,6 +53,7 @@ def build_image_folder(
     force: bool = False,
     seed: int = 0,
     skip_bad: bool = False,
+    image_format: str | None = None,
 ) -> Prepared:
     """Like :func:`prepare_image_folder`, but also says whether an existing dataset was reused."""
     validate_name(name)
@@ -67,6 +82,7 @@ def build_image_folder(
         },
         seed=seed,
         versions=("pillow",),
+        image_format=default_image_format(image_size) if image_format is None else image_format,
     )
 
     def load() -> SourceImages:
@@ -87,6 +103,7 @@ def prepare_image_folder(
     force: bool = False,
     seed: int = 0,
     skip_bad: bool = False,
+    image_format: str | None = None,
 ) -> DatasetInfo:
     """Prepare a dataset from a folder of class sub-folders of PNG/JPEG images.
 
@@ -101,6 +118,8 @@ def prepare_image_folder(
         force: Rebuild even when a dataset with other arguments exists.
         seed: Seed of the stratified 70/15/15 train/val/test splits.
         skip_bad: Skip unreadable images (and report how many) instead of failing.
+        image_format: ``raw``, ``png`` or ``jpeg``; None: :func:`default_image_format` (JPEG
+            from :data:`ENCODE_FROM_SIZE` px, else raw).
 
     Returns:
         The prepared dataset.
@@ -119,6 +138,7 @@ def prepare_image_folder(
         force=force,
         seed=seed,
         skip_bad=skip_bad,
+        image_format=image_format,
     ).info
 
 

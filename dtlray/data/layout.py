@@ -4,7 +4,10 @@ A prepared dataset is one directory (or object-storage prefix: the root may be a
 ``s3://bucket/data``)::
 
     <root>/<name>/dataset.json             # DatasetInfo, written last
-    <root>/<name>/<split>/part-NNNNN.parquet  # columns: image (binary, H*W*C uint8), label (int64)
+    <root>/<name>/<split>/part-NNNNN.parquet  # columns: image (binary), label (int64)
+
+``image`` rows are stored as ``dataset.json``'s ``image_format`` says: ``raw`` (the H*W*C uint8
+pixels), ``png`` or ``jpeg`` (an encoded file each; see :mod:`dtlray.data.codec`).
 
 ``dataset.json`` lists every part file with its row count, size and sha256; the fingerprint is a
 hash over those (plus the classes and the image shape), so two datasets with the same fingerprint
@@ -19,7 +22,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -112,18 +115,22 @@ def compute_fingerprint(
     classes: tuple[str, ...],
     image_shape: tuple[int, int, int],
     files: dict[str, tuple[ShardInfo, ...]],
+    image_format: str = "raw",
 ) -> str:
-    """Hash the classes, the image shape and every part file's path, rows, size and sha256.
+    """Hash the classes, the image shape, the image format and every part file's path, rows,
+    size and sha256.
 
     Args:
         classes: Class names in label order.
         image_shape: Stored image shape (H, W, C).
         files: Part files per split.
+        image_format: How the rows are stored; ``raw`` adds nothing to the hash, so raw datasets
+            keep the fingerprints (and stage-1 cache keys) they had before formats existed.
 
     Returns:
         ``"sha256:<hex>"``; equal for datasets whose files hold the same bytes.
     """
-    payload = {
+    payload: dict[str, Any] = {
         "classes": list(classes),
         "image_shape": list(image_shape),
         "files": {
@@ -131,6 +138,8 @@ def compute_fingerprint(
             for split, shards in sorted(files.items())
         },
     }
+    if image_format != "raw":
+        payload["image_format"] = image_format
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
@@ -141,7 +150,8 @@ class DatasetInfo(BaseModel):
     Attributes:
         name: Dataset name (its directory name under the root).
         classes: Class names; label ``i`` is ``classes[i]``.
-        image_shape: Stored image shape (H, W, C) of every row's ``image`` bytes.
+        image_shape: Stored image shape (H, W, C) of every row's image.
+        image_format: How ``image`` rows are stored: ``raw`` pixels, ``png`` or ``jpeg``.
         splits: Rows per split (``train``, ``val``, ``test``).
         files: Part files per split, with rows, size and sha256 each.
         fingerprint: Content hash over ``classes``, ``image_shape`` and ``files``.
@@ -155,6 +165,7 @@ class DatasetInfo(BaseModel):
     name: str
     classes: tuple[str, ...]
     image_shape: tuple[int, int, int]
+    image_format: Literal["raw", "png", "jpeg"] = "raw"
     splits: dict[str, int]
     files: dict[str, tuple[ShardInfo, ...]]
     fingerprint: str
@@ -189,7 +200,9 @@ class DatasetInfo(BaseModel):
                     or ".." in relative.parts
                 ):
                     raise ValueError(f"file {shard.file!r} of split {split!r} is outside {split}/")
-        expected = compute_fingerprint(self.classes, self.image_shape, self.files)
+        expected = compute_fingerprint(
+            self.classes, self.image_shape, self.files, self.image_format
+        )
         if self.fingerprint != expected:
             raise ValueError(
                 "fingerprint does not match the listed files (dataset.json was edited)"

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dtlray.data.codec import check_image_format, encode_images
 from dtlray.data.layout import (
     INFO_FILE,
     SPLITS,
@@ -80,24 +81,37 @@ class Recipe:
         arguments: JSON-able arguments that change the content (e.g. ``limit``, ``image_size``).
         seed: Seed of the splits.
         versions: Distributions whose versions are recorded with the dataset.
+        image_format: How the image rows are stored (:data:`dtlray.data.codec.IMAGE_FORMATS`).
     """
 
     builder: str
     arguments: dict[str, Any]
     seed: int
     versions: tuple[str, ...] = ()
+    image_format: str = "raw"
+
+    def __post_init__(self) -> None:
+        check_image_format(self.image_format)
+
+    @property
+    def recorded_arguments(self) -> dict[str, Any]:
+        """The arguments as the provenance records them: with ``image_format`` unless ``raw``
+        (so datasets prepared before formats existed still match their recipe)."""
+        if self.image_format == "raw":
+            return self.arguments
+        return {**self.arguments, "image_format": self.image_format}
 
     def matches(self, provenance: Provenance) -> bool:
         """Whether a dataset made as ``provenance`` says has this recipe's content."""
         return (provenance.builder, provenance.arguments, provenance.seed) == (
             self.builder,
-            self.arguments,
+            self.recorded_arguments,
             self.seed,
         )
 
     def describe(self) -> str:
         """The arguments as ``key=value`` text, for messages."""
-        return describe_arguments(self.arguments, self.seed)
+        return describe_arguments(self.recorded_arguments, self.seed)
 
     def provenance(self, source: str) -> Provenance:
         """The provenance to record for a dataset built from ``source`` now."""
@@ -106,7 +120,7 @@ class Recipe:
             versions[dist] = _version(dist)
         return Provenance(
             builder=self.builder,
-            arguments=self.arguments,
+            arguments=self.recorded_arguments,
             seed=self.seed,
             source=source,
             versions=versions,
@@ -477,15 +491,26 @@ def _write_dataset(
     files: dict[str, tuple[ShardInfo, ...]] = {}
     for split in SPLITS:
         files[split] = write_split(
-            sink, split, source.images[indices[split]], source.labels[indices[split]], name
+            sink,
+            split,
+            source.images[indices[split]],
+            source.labels[indices[split]],
+            name,
+            image_format=recipe.image_format,
         )
     info = DatasetInfo(
         name=name,
         classes=source.classes,
         image_shape=image_shape,  # type: ignore[arg-type]
+        image_format=recipe.image_format,  # type: ignore[arg-type]
         splits={split: sum(shard.rows for shard in files[split]) for split in SPLITS},
         files=files,
-        fingerprint=compute_fingerprint(source.classes, image_shape, files),  # type: ignore[arg-type]
+        fingerprint=compute_fingerprint(
+            source.classes,
+            image_shape,  # type: ignore[arg-type]
+            files,
+            recipe.image_format,
+        ),
         provenance=recipe.provenance(source.source),
         path=path,
     )
@@ -495,7 +520,13 @@ def _write_dataset(
 
 
 def write_split(
-    sink: _Sink, split: str, images: np.ndarray, labels: np.ndarray, name: str = ""
+    sink: _Sink,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    name: str = "",
+    *,
+    image_format: str = "raw",
 ) -> tuple[ShardInfo, ...]:
     """Write one split as equal-sized Parquet shards ``<split>/part-NNNNN.parquet``.
 
@@ -505,6 +536,8 @@ def write_split(
         images: ``(N, H, W, C)`` uint8 images.
         labels: ``(N,)`` integer labels.
         name: Dataset name, for progress messages.
+        image_format: How the rows are stored (raw pixels, PNG or JPEG). Encoded rows are
+            stored uncompressed by Parquet (zstd cannot shrink them; it would only cost time).
 
     Returns:
         The written shards, in order.
@@ -515,12 +548,14 @@ def write_split(
     shards = []
     for number, rows in enumerate(np.array_split(np.arange(len(images)), num_shards)):
         relative = f"{split}/part-{number:05d}.parquet"
-        table = images_to_table(images[rows], labels[rows])
+        table = images_to_table(images[rows], labels[rows], image_format)
         buffer = pa.BufferOutputStream()
         pq.write_table(
             table,
             buffer,
-            compression=PARQUET_COMPRESSION,
+            compression=PARQUET_COMPRESSION
+            if image_format == "raw"
+            else {"image": "none", "label": PARQUET_COMPRESSION},
             write_statistics=["label"],  # min/max labels let readers check the range cheaply
         )
         payload = buffer.getvalue()
@@ -539,25 +574,21 @@ def write_split(
     return tuple(shards)
 
 
-def images_to_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
-    """An Arrow table with ``image`` (binary, one row's raw uint8 bytes) and ``label`` (int64).
+def images_to_table(images: np.ndarray, labels: np.ndarray, image_format: str = "raw") -> pa.Table:
+    """An Arrow table with ``image`` (binary, one row per image) and ``label`` (int64).
 
     Args:
         images: ``(N, H, W, C)`` uint8 images.
         labels: ``(N,)`` integer labels.
+        image_format: ``raw`` (each row the image's uint8 bytes, built from one buffer with no
+            Python object per row), ``png`` or ``jpeg``.
 
     Returns:
-        The table; the image column shares no Python objects per row (built from buffers).
+        The table.
     """
-    count = len(images)
-    row_bytes = int(np.prod(images.shape[1:]))
-    if count * row_bytes >= 2**31:
+    image_array = encode_images(np.ascontiguousarray(images, dtype=np.uint8), image_format)
+    if pa.types.is_large_binary(image_array.type):
         raise AssertionError("shard too large for 32-bit binary offsets")
-    offsets = np.arange(count + 1, dtype=np.int32) * row_bytes
-    data = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1)
-    image_array = pa.Array.from_buffers(
-        pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-    )
     return pa.table({"image": image_array, "label": pa.array(labels, type=pa.int64())})
 
 

@@ -243,7 +243,8 @@ def describe_dataset(info: DatasetInfo) -> str:
     """One line about a dataset: rows per split, classes, shape and where it is."""
     height, width, channels = info.image_shape
     rows = ", ".join(f"{split} {count:,}" for split, count in info.splits.items())
+    stored = "" if info.image_format == "raw" else f" {info.image_format}"
     return (
         f"{info.name}: {info.num_rows:,} rows ({rows}), {info.num_classes} classes, "
-        f"{height}x{width}x{channels}, in {info.path}"
+        f"{height}x{width}x{channels}{stored}, in {info.path}"
     )

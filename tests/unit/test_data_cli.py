@@ -68,11 +68,12 @@ def test_prepare_full_fashion_mnist_and_list(
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == f"datasets in {root}:"
-    assert lines[1].split() == ["NAME", "CLASSES", "SHAPE", "TRAIN", "VAL", "TEST"]
+    assert lines[1].split() == ["NAME", "CLASSES", "SHAPE", "FORMAT", "TRAIN", "VAL", "TEST"]
     assert lines[2].split()[:3] == ["faces", "2:", "face,"]
-    assert lines[2].split()[-4:] == ["25x25x1", "140", "30", "30"]
+    assert lines[2].split()[-5:] == ["25x25x1", "raw", "140", "30", "30"]
     assert lines[3].startswith("fashion-mnist  10: T-shirt/top, Trouser")
-    assert "..." in lines[3] and lines[3].split()[-4:] == ["28x28x1", "54,000", "6,000", "10,000"]
+    assert lines[3].split()[-5:] == ["28x28x1", "raw", "54,000", "6,000", "10,000"]
+    assert "..." in lines[3]
     # aligned: text columns start under their header, number columns end under theirs
     classes, shape = lines[1].index("CLASSES"), lines[1].index("SHAPE")
     for line in lines[2:]:
