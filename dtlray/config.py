@@ -51,10 +51,11 @@ class DataConfig(_Section):
     in_memory_max_mb: int = Field(
         default=2048,
         ge=0,
-        description="A source train shard up to this size (MB per worker) is decoded once and "
-        "kept in memory; a larger one streams from Ray Data every epoch. Target train splits are "
-        "always kept in memory; a trial with a target train split larger than this fails before "
-        "training starts.",
+        description="A train shard up to this size (MB per worker, of the rows the trial trains "
+        "on: the source's first source_max_rows, a target's label budget) is decoded once and "
+        "kept in memory; a larger one streams from Ray Data every epoch. This holds for the "
+        "source and for every target alike, and held and streamed tasks mix in one stage; 0 "
+        "streams them all.",
     )
 
     @field_validator("source")

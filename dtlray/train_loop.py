@@ -7,7 +7,10 @@ torchvision way into :func:`train_one_epoch` and :func:`evaluate`.
 
 Correctness under DDP:
   * train splits are sharded by Ray Data with ``equal=True`` so every rank takes the same number
-    of steps (DDP all-reduces every step; uneven ranks would hang);
+    of steps (DDP all-reduces every step; uneven ranks would hang); the steps are counted from
+    the shard sizes before an epoch starts, a streamed shard's from the rows the driver counted
+    (:attr:`~dtlray.worker.WorkerPlan.stream_rows`), and it contributes to every step what it
+    would if it were held in memory;
   * val/test splits are sharded with ``equal=False`` (every example on exactly one rank) and the
     per-task sums of correct, loss and count are all-reduced, so every rank reports the same,
     exact accuracy whatever the number of workers.
@@ -175,9 +178,7 @@ def run_worker(
             model.reset_heads(finetune.heads)
             model.to(env.device)
         # Read once: LogME scores the trunk on the same train data the finetune then trains on.
-        train_data = {
-            t.name: train_source(t, finetune, plan.stream_keys, env) for t in finetune.tasks
-        }
+        train_data = {t.name: train_source(t, plan.stream_rows, env) for t in finetune.tasks}
         if resume is None and stage1.mode != "scratch":
             stage1.logme = target_logme(model, finetune, train_data, env)
         run_stage(
@@ -260,7 +261,7 @@ def _run_or_load_stage1(
         pretrain,
         model,
         env,
-        stream_keys=plan.stream_keys,
+        stream_rows=plan.stream_rows,
         resume=resume,
         on_epoch_end=store_constant_phase if plan.stage1_tree_dir else None,
     )
@@ -342,7 +343,7 @@ def run_stage(
     model: TransferModel,
     env: WorkerEnv,
     *,
-    stream_keys: tuple[str, ...] = (),
+    stream_rows: Mapping[str, int] | None = None,
     train_data: Mapping[str, InMemorySplit | StreamingSplit] | None = None,
     resume: Resume | None = None,
     on_epoch_end: Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
@@ -355,9 +356,10 @@ def run_stage(
         spec: the stage.
         model: the (unwrapped) model; its heads must match ``spec.heads``.
         env: where this worker runs.
-        stream_keys: train keys to stream each epoch instead of keeping in memory.
+        stream_rows: the train keys to stream each epoch instead of keeping in memory, with
+            the rows of each whole dataset (:attr:`~dtlray.worker.WorkerPlan.stream_rows`).
         train_data: the stage's train splits, when the caller read them already (then
-            ``stream_keys`` is not used).
+            ``stream_rows`` is not used).
         resume: a finetune checkpoint to continue from.
         on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch; ``state()``
             builds the checkpoint state, only when one is written.
@@ -365,8 +367,12 @@ def run_stage(
         test_every_epoch: with ``run_test``, after every epoch.
     """
     if train_data is None:
-        train_data = {t.name: train_source(t, spec, stream_keys, env) for t in spec.tasks}
+        train_data = {t.name: train_source(t, stream_rows or {}, env) for t in spec.tasks}
     agree_on_sizes(train_data, env)
+    streamed = {name: s for name, s in train_data.items() if isinstance(s, StreamingSplit)}
+    if streamed and env.rank == 0:
+        shown = ", ".join(f"{name} ({len(split)} rows)" for name, split in streamed.items())
+        env.log(f"[dtlray] {spec.name} streams from Ray Data every epoch, per worker: {shown}")
     assert env.session is not None
     val_data = {t.name: read_shard(env.session.dataset(t.val_key), t.meta) for t in spec.tasks}
     optimizer = build_optimizer(model, spec)

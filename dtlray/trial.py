@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from dtlray.config import TrialConfig
+from dtlray.data import DatasetInfo
 from dtlray.errors import DtlrayError
 from dtlray.ray_session import quiet_ray_data
 from dtlray.stage1_cache import has_stage1, stage1_dir, tree_dir
@@ -29,11 +31,11 @@ from dtlray.trial_data import (
     ArrowSplit,
     SplitTrainOnlyDataConfig,
     ensure_dataset,
+    label_budget,
     metas_for,
-    row_bytes,
-    source_train_mb,
+    shard_mb,
     split_dataset,
-    target_train,
+    split_rows,
 )
 from dtlray.worker import WorkerPlan
 
@@ -83,14 +85,41 @@ def resolve_use_gpu(cfg: TrialConfig) -> bool:
 
 def runs_in_trial(cfg: TrialConfig) -> bool:
     """Whether a search trial runs the worker loop in its own process instead of a
-    ``TorchTrainer``: one worker (no DDP), and a source small enough to keep in memory (the
-    in-process loop reads its splits whole; streaming needs Ray Data tasks)."""
+    ``TorchTrainer``: one worker (no DDP), and no train split that streams (the in-process loop
+    reads its splits whole; streaming needs Ray Data tasks)."""
     if cfg.resources.num_workers != 1:
         return False
-    if cfg.stage2.init == "scratch":
-        return True
-    source = ensure_dataset(cfg.data.source, cfg.data.root)
-    return source_train_mb(cfg, source) <= cfg.data.in_memory_max_mb
+    return not stream_rows(cfg, train_splits(cfg, source=cfg.stage2.init != "scratch"))
+
+
+TrainSplits = dict[str, tuple[DatasetInfo, np.ndarray | int | None]]
+"""Train dataset keys -> the dataset and which of its rows the trial trains on (the ``rows`` of
+:func:`~dtlray.trial_data.split_dataset`)."""
+
+
+def train_splits(cfg: TrialConfig, *, source: bool) -> TrainSplits:
+    """The trial's train splits: every target's under the label budget and, with ``source``,
+    the source's first ``data.source_max_rows``."""
+    splits: TrainSplits = {}
+    for name in cfg.data.targets:
+        info = ensure_dataset(name, cfg.data.root)
+        splits[dataset_key("finetune", name, "train")] = (info, label_budget(info, cfg))
+    if source:
+        info = ensure_dataset(cfg.data.source, cfg.data.root)
+        splits[dataset_key("pretrain", info.name, "train")] = (info, cfg.data.source_max_rows)
+    return splits
+
+
+def stream_rows(cfg: TrialConfig, splits: TrainSplits) -> dict[str, int]:
+    """The train splits that stream -- those whose shard per worker exceeds
+    ``data.in_memory_max_mb`` (``0``: all of them) -- with their rows (a
+    :attr:`~dtlray.worker.WorkerPlan.stream_rows`)."""
+    rows = {key: split_rows(info, "train", chosen) for key, (info, chosen) in splits.items()}
+    return {
+        key: n
+        for key, n in rows.items()
+        if shard_mb(cfg, splits[key][0], n) > cfg.data.in_memory_max_mb
+    }
 
 
 def plan_trial(
@@ -103,7 +132,7 @@ def plan_trial(
     checkpoint_epochs: Sequence[int] = (),
 ) -> TrialPlan:
     """Decide what the trial's workers do: which datasets they read (label budget applied),
-    whether stage 1 is computed or loaded, whether to stream, whether to use GPUs.
+    whether stage 1 is computed or loaded, which train splits stream, whether to use GPUs.
 
     Args:
         cfg: the trial.
@@ -111,26 +140,16 @@ def plan_trial(
         run_test: evaluate test splits after the last epoch.
         stage1_mode: ``load`` or ``compute`` stage 1 as a search's single-flight claim decided;
             None: load it when it is stored, else compute it.
-        in_process: the loop runs in this process (:func:`runs_in_trial`): splits are
-            :class:`~dtlray.trial_data.ArrowSplit` tables, not Ray Datasets.
+        in_process: the loop runs in this process (:func:`runs_in_trial`, so nothing streams):
+            splits are :class:`~dtlray.trial_data.ArrowSplit` tables, not Ray Datasets.
         checkpoint_epochs: finetune epochs that must write a checkpoint (a scheduler's rungs).
 
     Raises:
-        DtlrayError: a dataset is not prepared, or a target exceeds ``data.in_memory_max_mb``.
+        DtlrayError: a dataset is not prepared.
     """
     quiet_ray_data()
     root = cfg.data.root
     infos = {name: ensure_dataset(name, root) for name in cfg.data.targets}
-    datasets: dict[str, ray.data.Dataset | ArrowSplit] = {}
-    for name, info in infos.items():
-        datasets[dataset_key("finetune", name, "train")] = target_train(
-            info, cfg, in_process=in_process
-        )
-        for split in ("val", "test") if run_test else ("val",):
-            key = dataset_key("finetune", name, split)
-            datasets[key] = split_dataset(info, split, in_process=in_process)
-
-    stream_keys: list[str] = []
     s1_tree: str | None = None
     if cfg.stage2.init == "scratch":
         mode, s1_dir = "none", None
@@ -142,32 +161,29 @@ def plan_trial(
         tree_key = cfg.stage1_tree_key(source.fingerprint)
         if mode == "compute" and tree_key is not None:
             s1_tree = tree_dir(storage_path, tree_key)
-        if mode == "compute":
-            key = dataset_key("pretrain", source.name, "train")
-            rows = cfg.data.source_max_rows
-            datasets[key] = split_dataset(source, "train", rows, in_process=in_process)
-            val = split_dataset(source, "val", in_process=in_process)
-            datasets[dataset_key("pretrain", source.name, "val")] = val
-            per_worker_mb = source_train_mb(cfg, source) / cfg.resources.num_workers
-            if per_worker_mb > cfg.data.in_memory_max_mb:
-                assert not in_process, "runs_in_trial keeps a streaming source out"
-                stream_keys.append(key)
-    for name, info in infos.items():
-        total_mb = info.splits["train"] * row_bytes(info) / 2**20
-        key = dataset_key("finetune", name, "train")
-        # `key in datasets` leaves the source out: only target train splits are checked here.
-        if key in datasets and total_mb > cfg.data.in_memory_max_mb:
-            raise DtlrayError(
-                f"target {name!r} ({total_mb:.0f} MB) exceeds data.in_memory_max_mb="
-                f"{cfg.data.in_memory_max_mb}; finetuning keeps every target's train split in "
-                "memory: raise data.in_memory_max_mb"
+
+    splits = train_splits(cfg, source=mode == "compute")
+    datasets: dict[str, ray.data.Dataset | ArrowSplit] = {
+        key: split_dataset(info, "train", rows, in_process=in_process)
+        for key, (info, rows) in splits.items()
+    }
+    for name in cfg.data.targets:
+        for split in ("val", "test") if run_test else ("val",):
+            datasets[dataset_key("finetune", name, split)] = split_dataset(
+                infos[name], split, in_process=in_process
             )
+    if mode == "compute":
+        datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(
+            source, "val", in_process=in_process
+        )
+    streams = stream_rows(cfg, splits)
+    assert not (in_process and streams), "runs_in_trial keeps a trial that streams out"
 
     plan = WorkerPlan(
         datasets=metas_for(infos),
         stage1_mode=mode,  # type: ignore[arg-type]
         stage1_dir=s1_dir,
-        stream_keys=tuple(stream_keys),
+        stream_rows=streams,
         run_test=run_test,
         checkpoint_epochs=tuple(sorted(checkpoint_epochs)),
         stage1_tree_dir=s1_tree,

@@ -117,26 +117,29 @@ def split_dataset(
     return ArrowSplit(table) if in_process else ray.data.from_arrow(table)
 
 
-def target_train(
-    info: DatasetInfo, cfg: TrialConfig, *, in_process: bool = False
-) -> ray.data.Dataset | ArrowSplit:
-    """A target's train split with the trial's label budget applied."""
+def label_budget(info: DatasetInfo, cfg: TrialConfig) -> np.ndarray | None:
+    """The rows of a target's train split the trial finetunes on (its label budget, for
+    :func:`split_dataset`); None: all of them."""
     budget = cfg.stage2
     if budget.samples_per_class is None and budget.train_fraction is None:
-        return split_dataset(info, "train", in_process=in_process)
+        return None
     # The budget is chosen from the label column: stratified, seeded, so every trial with the
     # same seed finetunes on the same examples.
     labels = read_split_table(info, "train").column("label").to_numpy()
-    keep = select_label_budget(labels, budget.samples_per_class, budget.train_fraction, cfg.seed)
-    return split_dataset(info, "train", keep, in_process=in_process)
+    return select_label_budget(labels, budget.samples_per_class, budget.train_fraction, cfg.seed)
 
 
-def source_train_mb(cfg: TrialConfig, info: DatasetInfo) -> float:
-    """Megabytes of the source train rows a trial pretrains on."""
-    rows = info.splits["train"]
-    if cfg.data.source_max_rows is not None:
-        rows = min(rows, cfg.data.source_max_rows)
-    return rows * row_bytes(info) / 2**20
+def split_rows(info: DatasetInfo, split: str, rows: np.ndarray | int | None = None) -> int:
+    """How many rows ``split_dataset(info, split, rows)`` holds."""
+    if isinstance(rows, np.ndarray):
+        return len(rows)
+    total = info.splits[split]
+    return total if rows is None else min(rows, total)
+
+
+def shard_mb(cfg: TrialConfig, info: DatasetInfo, rows: int) -> float:
+    """Megabytes of each worker's shard of ``rows`` rows of a dataset (stored uint8)."""
+    return rows * row_bytes(info) / 2**20 / cfg.resources.num_workers
 
 
 def metas_for(infos: dict[str, DatasetInfo]) -> dict[str, DatasetMeta]:

@@ -2,8 +2,9 @@
 
 A split (or this rank's shard of it) is decoded once into uint8 tensors at the stored size, or,
 when too large for memory, streamed from Ray Data every epoch. Every step takes from every task
-a share of the batch proportional to the task's size, converted to the model input on the
-worker's device (and augmented when the stage asks).
+a share of the batch proportional to the task's size -- the same share whether the task is held
+or streamed -- converted to the model input on the worker's device (and augmented when the stage
+asks).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class WorkerPlan:
         stage1_mode: ``compute`` (run stage 1 and store it), ``load`` (a stored stage-1 result
             exists) or ``none`` (``stage2.init: scratch``).
         stage1_dir: where the stage-1 result is loaded from or saved to.
-        stream_keys: train dataset keys too large to keep in worker memory; streamed per epoch.
+        stream_rows: the train datasets too large to keep in worker memory (streamed every
+            epoch), by key: the rows of the whole dataset (a rank's shard of it is
+            :func:`shard_rows`).
         run_test: evaluate the test splits after the last finetune epoch.
         checkpoint_epochs: finetune epochs (from 1) a checkpoint must be written after, beyond
             what ``resources.checkpoint`` asks: the search's scheduler rungs.
@@ -53,7 +56,7 @@ class WorkerPlan:
     datasets: dict[str, DatasetMeta]
     stage1_mode: Literal["compute", "load", "none"]
     stage1_dir: str | None
-    stream_keys: tuple[str, ...] = ()
+    stream_rows: dict[str, int] = field(default_factory=dict)
     run_test: bool = True
     checkpoint_epochs: tuple[int, ...] = ()
     test_every_epoch: bool = False
@@ -76,7 +79,7 @@ class WorkerPlan:
             datasets=datasets,
             stage1_mode=raw["stage1_mode"],
             stage1_dir=raw["stage1_dir"],
-            stream_keys=tuple(raw["stream_keys"]),
+            stream_rows={key: int(rows) for key, rows in raw["stream_rows"].items()},
             run_test=bool(raw["run_test"]),
             checkpoint_epochs=tuple(raw["checkpoint_epochs"]),
             test_every_epoch=bool(raw["test_every_epoch"]),
@@ -236,10 +239,30 @@ class InMemorySplit:
 
 @dataclass
 class StreamingSplit:
-    """A train shard too large for memory: Ray Data streams it again every epoch."""
+    """A train shard too large for memory: Ray Data streams it again every epoch.
+
+    ``rows`` is the shard's size, known before it is read (see :func:`shard_rows`): the steps of
+    an epoch are counted from it, identically on every rank.
+    """
 
     key: str
     meta: DatasetMeta
+    rows: int
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+def shard_rows(rows: int, world_size: int) -> int:
+    """Rows of each rank's shard of a ``rows``-row train dataset.
+
+    Train splits are sharded with ``streaming_split(world_size, equal=True)``; in Ray 2.60 its
+    ``OutputSplitter`` gives every rank ``rows // world_size`` rows and drops the remainder (at
+    most ``world_size - 1`` rows an epoch: the last to arrive, so the same rows of an in-memory
+    dataset every epoch, and other ones each epoch of a Parquet stream that shuffles its files).
+    An in-memory shard loses the same rows once, when it is read.
+    """
+    return rows // world_size
 
 
 def read_shard(shard: Any, meta: DatasetMeta) -> InMemorySplit:
@@ -255,12 +278,13 @@ def read_shard(shard: Any, meta: DatasetMeta) -> InMemorySplit:
 
 
 def train_source(
-    task: TaskSpec, spec: StageSpec, stream_keys: tuple[str, ...], env: WorkerEnv
+    task: TaskSpec, stream_rows: Mapping[str, int], env: WorkerEnv
 ) -> InMemorySplit | StreamingSplit:
-    if task.train_key in stream_keys:
-        if len(spec.tasks) != 1:
-            raise RuntimeError("streaming train data is supported for single-task stages only")
-        return StreamingSplit(task.train_key, task.meta)
+    """A task's train shard: streamed when the plan says so (``stream_rows``), else read into
+    memory now."""
+    if task.train_key in stream_rows:
+        rows = shard_rows(stream_rows[task.train_key], env.world_size)
+        return StreamingSplit(task.train_key, task.meta, rows)
     assert env.session is not None
     return read_shard(env.session.dataset(task.train_key), task.meta)
 
@@ -284,6 +308,13 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
 
 
+def chunk_sizes(rows: int, steps: int) -> list[int]:
+    """How many of a task's ``rows`` each of an epoch's ``steps`` takes: ``torch.tensor_split``'s
+    sections (the first ``rows % steps`` steps take one more)."""
+    base, extra = divmod(rows, steps)
+    return [base + 1] * extra + [base] * (steps - extra)
+
+
 def step_batches(
     spec: StageSpec,
     data: Mapping[str, InMemorySplit | StreamingSplit],
@@ -293,53 +324,115 @@ def step_batches(
     """Yield, per step, one (task, uint8 images, labels) batch for every task.
 
     Each step takes from every task a share of the batch proportional to the task's size, so an
-    epoch is one pass over every target's train data and every head gets a gradient every step
-    (which DDP requires).
+    epoch is one pass over every task's shard and every head gets a gradient every step (which
+    DDP requires). The steps are counted from the shard sizes alone, so every rank takes the
+    same number. A streamed task's share of each step is the same as if it were held in memory:
+    its rows arrive from Ray Data (shuffled through a local buffer, a new seed every epoch and
+    rank) and are re-cut to those sizes. A task with fewer rows than steps cycles through its
+    rows (a streamed one is read into memory for the epoch first: it is that small).
     """
     batch_size = spec.optim.batch_size
-    if len(spec.tasks) == 1 and isinstance(data[spec.tasks[0].name], StreamingSplit):
-        task = spec.tasks[0]
-        assert env.session is not None
-        shard = env.session.dataset(task.train_key)
-        for batch in shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            drop_last=True,  # a batch of one would break BatchNorm in training mode
-            local_shuffle_buffer_size=batch_size * 16,
-            local_shuffle_seed=env.seed + 1000 * epoch + env.rank,
-        ):
-            images = decode_uint8(batch["image"], task.meta.image_shape)
-            labels = torch.from_numpy(batch["label"].to_numpy().astype(np.int64))
-            yield [(task.name, images, labels)]
-        return
-
-    splits = {name: split for name, split in data.items() if isinstance(split, InMemorySplit)}
-    sizes = {name: len(split) for name, split in splits.items()}
-    total = sum(sizes.values())
+    sizes = {t.name: len(data[t.name]) for t in spec.tasks}
     # Floor, so every step has at least batch_size rows: BatchNorm in training mode cannot
     # normalise a batch of one, and a tiny last step would be a noisy update anyway.
-    steps = max(1, total // batch_size)
-    generator = torch.Generator().manual_seed(env.seed * 1_000_003 + epoch * 101 + env.rank)
-    chunks = {}
-    for name, size in sizes.items():
-        order = torch.randperm(size, generator=generator)
-        if size < steps:  # a tiny task: cycle so every step still has one of its examples
-            order = order.repeat(math.ceil(steps / max(size, 1)))
-        chunks[name] = torch.tensor_split(order, steps)
-    for step in range(steps):
-        yield [
-            (name, splits[name].images[chunks[name][step]], splits[name].labels[chunks[name][step]])
-            for name in splits
-        ]
+    steps = max(1, sum(sizes.values()) // batch_size)
+    seed = env.seed * 1_000_003 + epoch * 101 + env.rank
+    generator = torch.Generator().manual_seed(seed)
+    chunks: dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for index, task in enumerate(spec.tasks):
+        split = data[task.name]
+        if isinstance(split, StreamingSplit):
+            assert env.session is not None
+            shard = env.session.dataset(split.key)
+            if len(split) >= steps:
+                # A seed per task as well: equal-sized shards must not be shuffled alike.
+                shuffle_seed = seed * 64 + index
+                chunks[task.name] = _streamed_chunks(split, shard, steps, batch_size, shuffle_seed)
+                continue
+            split = read_shard(shard, split.meta)
+        chunks[task.name] = _in_memory_chunks(split, steps, generator)
+    for _ in range(steps):
+        yield [(name, *next(task_chunks)) for name, task_chunks in chunks.items()]
+
+
+def _in_memory_chunks(
+    split: InMemorySplit, steps: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # The permutation is drawn now, task after task, not when the first step asks for it.
+    order = torch.randperm(len(split), generator=generator)
+    if len(split) < steps:  # a tiny task: cycle so every step still has one of its examples
+        order = order.repeat(math.ceil(steps / max(len(split), 1)))
+    return ((split.images[i], split.labels[i]) for i in order.split(chunk_sizes(len(order), steps)))
+
+
+def _streamed_chunks(
+    split: StreamingSplit, shard: Any, steps: int, batch_size: int, shuffle_seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over a streamed shard, cut into the steps' shares of it (shuffled through a
+    buffer of 16 steps' batches).
+
+    Raises:
+        RuntimeError: the shard did not hold the ``split.rows`` rows the plan counted on (the
+            ranks' step counts would disagree, or rows would go unseen).
+    """
+    sizes = chunk_sizes(split.rows, steps)
+    batches = iter(
+        shard.iter_batches(
+            batch_size=sizes[0],
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=batch_size * 16,
+            local_shuffle_seed=shuffle_seed,
+        )
+    )
+    images = torch.empty(0, *_chw(split.meta), dtype=torch.uint8)
+    labels = torch.empty(0, dtype=torch.int64)
+    seen = 0
+    for step, size in enumerate(sizes):
+        while labels.shape[0] < size:
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"the streamed train shard {split.key!r} ended after {seen} rows; the plan "
+                    f"counted {split.rows}"
+                )
+            seen += batch.num_rows
+            images = torch.cat([images, decode_uint8(batch["image"], split.meta.image_shape)])
+            batch_labels = torch.from_numpy(batch["label"].to_numpy().astype(np.int64))
+            labels = torch.cat([labels, batch_labels])
+        if step == steps - 1:
+            # Read to the end before the last step: the next epoch's pass starts only once this
+            # one finished on every rank, and a row too many means the count was wrong.
+            seen += sum(batch.num_rows for batch in batches)
+            if seen != split.rows:
+                raise RuntimeError(
+                    f"the streamed train shard {split.key!r} held {seen} rows; the plan counted "
+                    f"{split.rows}"
+                )
+        yield images[:size], labels[:size]
+        images, labels = images[size:], labels[size:]
+
+
+def _chw(meta: DatasetMeta) -> tuple[int, int, int]:
+    h, w, c = meta.image_shape
+    return c, h, w
 
 
 def agree_on_sizes(data: Mapping[str, InMemorySplit | StreamingSplit], env: WorkerEnv) -> None:
-    # In-memory shards must be equal on every rank (Ray Data splits train with equal=True);
-    # check it once per stage rather than hang in the first all-reduce if it ever is not.
-    in_memory = [len(s) for s in data.values() if isinstance(s, InMemorySplit)]
-    if env.world_size == 1 or not in_memory:
+    """Check once per stage that every rank holds train shards of the same sizes.
+
+    ``step_batches`` counts an epoch's steps from them, and DDP all-reduces every step: ranks
+    that disagree would hang in the first all-reduce. In-memory shards are counted as read (Ray
+    Data splits train with ``equal=True``), streamed ones as the plan counted them (each epoch's
+    pass then checks that the shard held that many).
+
+    Raises:
+        RuntimeError: the sizes differ across ranks.
+    """
+    if env.world_size == 1:
         return
-    sizes = torch.tensor(in_memory, dtype=torch.int64, device=env.device)
+    sizes = torch.tensor(
+        [len(split) for split in data.values()], dtype=torch.int64, device=env.device
+    )
     low, high = sizes.clone(), sizes.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
