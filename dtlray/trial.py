@@ -163,24 +163,25 @@ def plan_trial(
             s1_tree = tree_dir(storage_path, tree_key)
 
     splits = train_splits(cfg, source=mode == "compute")
+    image_size = cfg.data.image_size  # encoded images are decoded to it ahead of the workers
     datasets: dict[str, ray.data.Dataset | ArrowSplit] = {
-        key: split_dataset(info, "train", rows, in_process=in_process)
+        key: split_dataset(info, "train", rows, in_process=in_process, image_size=image_size)
         for key, (info, rows) in splits.items()
     }
     for name in cfg.data.targets:
         for split in ("val", "test") if run_test else ("val",):
             datasets[dataset_key("finetune", name, split)] = split_dataset(
-                infos[name], split, in_process=in_process
+                infos[name], split, in_process=in_process, image_size=image_size
             )
     if mode == "compute":
         datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(
-            source, "val", in_process=in_process
+            source, "val", in_process=in_process, image_size=image_size
         )
     streams = stream_rows(cfg, splits)
     assert not (in_process and streams), "runs_in_trial keeps a trial that streams out"
 
     plan = WorkerPlan(
-        datasets=metas_for(infos),
+        datasets=metas_for(infos, image_size),
         stage1_mode=mode,  # type: ignore[arg-type]
         stage1_dir=s1_dir,
         stream_rows=streams,

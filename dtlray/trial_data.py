@@ -28,12 +28,20 @@ from dtlray.data import (
     prepare_builtin,
     read_split_table,
 )
+from dtlray.data.codec import DecodeBatch
 from dtlray.errors import DtlrayError
 from dtlray.stages import DatasetMeta
 
 log = logging.getLogger(__name__)
 
 SMALL_SPLIT_BYTES = 256 * 2**20
+DECODE_BLOCK_ROWS = 512  # rows per Ray Data block of an in-memory split that is decoded
+
+DATA_TASK_CPUS = 0.1
+"""CPUs a Ray Data read or decode task of a trial asks for. A trial's Train workers may hold
+nearly all of a machine's CPUs (2 workers x 0.9 on 2 cores): tasks asking for a whole CPU would
+then never be scheduled and the trial would hang. They use whole cores while they run, so
+:func:`data_task_options` caps how many run at once at the cluster's CPU count."""
 
 
 def ensure_dataset(name: str, root: str | None) -> DatasetInfo:
@@ -97,6 +105,7 @@ def split_dataset(
     rows: np.ndarray | int | None = None,
     *,
     in_process: bool = False,
+    image_size: int | None = None,
 ) -> ray.data.Dataset | ArrowSplit:
     """A split: the whole split, its first ``rows`` rows, or the rows listed.
 
@@ -104,17 +113,72 @@ def split_dataset(
     (``from_arrow``): every Ray Data read pipeline costs seconds of start-up on each pass, which
     dominates a trial whose targets are a few hundred images. Larger splits stream from Parquet.
     ``in_process``: always an :class:`ArrowSplit` (for a loop running in this process).
+
+    Encoded rows (PNG, JPEG) are decoded and resized to ``image_size`` (None: kept at the stored
+    size) by :func:`decoder`: in Ray Data tasks ahead of the trainer, or here for an
+    :class:`ArrowSplit`. Either way the worker receives raw rows of :func:`delivered_shape`.
     """
-    size = info.splits[split] * row_bytes(info)
-    if size > SMALL_SPLIT_BYTES and not isinstance(rows, np.ndarray) and not in_process:
-        ds = open_split(info, split, shuffle_files=split == "train")
-        return ds if rows is None else ds.limit(rows)
+    decode = decoder(info, image_size)
+    large = stored_mb(info, split) * 2**20 > SMALL_SPLIT_BYTES
+    if large and not isinstance(rows, np.ndarray) and not in_process:
+        options = data_task_options()
+        ds = open_split(
+            info,
+            split,
+            shuffle_files=split == "train",
+            ray_remote_args={"num_cpus": options["num_cpus"]},
+            concurrency=options["concurrency"],
+        )
+        ds = ds if rows is None else ds.limit(rows)
+        if decode is None:
+            return ds
+        return ds.map_batches(decode, batch_format="pyarrow", **options)
     table = read_split_table(info, split)
     if isinstance(rows, np.ndarray):
         table = table.take(rows)
     elif rows is not None:
         table = table.slice(0, rows)
-    return ArrowSplit(table) if in_process else ray.data.from_arrow(table)
+    if in_process:
+        return ArrowSplit(table if decode is None else decode(table))
+    if decode is None:
+        return ray.data.from_arrow(table)
+    # Blocks of a few hundred rows, so several Ray Data tasks decode at once.
+    starts = range(0, table.num_rows, DECODE_BLOCK_ROWS)
+    blocks = [table.slice(start, DECODE_BLOCK_ROWS) for start in starts]
+    return ray.data.from_arrow(blocks or [table]).map_batches(
+        decode, batch_format="pyarrow", **data_task_options()
+    )
+
+
+def data_task_options() -> dict[str, Any]:
+    """``num_cpus`` and ``concurrency`` of a trial's Ray Data tasks (see :data:`DATA_TASK_CPUS`)."""
+    return {
+        "num_cpus": DATA_TASK_CPUS,
+        "concurrency": max(1, int(ray.cluster_resources().get("CPU", 1))),
+    }
+
+
+def decoder(info: DatasetInfo, image_size: int | None) -> DecodeBatch | None:
+    """How a trial delivers ``info``'s rows: raw rows as they are (the worker views them as a
+    tensor without decoding), encoded ones through a :class:`~dtlray.data.codec.DecodeBatch`
+    that decodes and resizes them to the model's ``image_size``; None for raw."""
+    if info.image_format == "raw":
+        return None
+    return DecodeBatch(info.image_format, info.image_shape, image_size, dataset=info.name)
+
+
+def delivered_shape(info: DatasetInfo, image_size: int | None) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the rows a worker receives of ``info`` (see :func:`decoder`)."""
+    decode = decoder(info, image_size)
+    return tuple(info.image_shape) if decode is None else decode.image_shape  # type: ignore[return-value]
+
+
+def stored_mb(info: DatasetInfo, split: str) -> float:
+    """Megabytes of a split's rows as stored (what reading it whole holds in memory): raw rows
+    at ``H*W*C`` bytes each, encoded ones at their files' size."""
+    if info.image_format == "raw":
+        return info.splits[split] * row_bytes(info) / 2**20
+    return sum(shard.bytes for shard in info.files[split]) / 2**20
 
 
 def label_budget(info: DatasetInfo, cfg: TrialConfig) -> np.ndarray | None:
@@ -138,22 +202,29 @@ def split_rows(info: DatasetInfo, split: str, rows: np.ndarray | int | None = No
 
 
 def shard_mb(cfg: TrialConfig, info: DatasetInfo, rows: int) -> float:
-    """Megabytes of each worker's shard of ``rows`` rows of a dataset (stored uint8)."""
-    return rows * row_bytes(info) / 2**20 / cfg.resources.num_workers
+    """Megabytes of each worker's shard of ``rows`` rows of a dataset, held as the uint8 rows
+    the worker receives (:func:`delivered_shape`)."""
+    h, w, c = delivered_shape(info, cfg.data.image_size)
+    return rows * h * w * c / 2**20 / cfg.resources.num_workers
 
 
-def metas_for(infos: dict[str, DatasetInfo]) -> dict[str, DatasetMeta]:
-    """What workers need to know of each dataset, by name."""
+def metas_for(
+    infos: dict[str, DatasetInfo], image_size: int | None = None
+) -> dict[str, DatasetMeta]:
+    """What workers need to know of each dataset, by name; the image shape is that of the rows
+    they receive (:func:`delivered_shape` at the model's ``image_size``)."""
     return {
         name: DatasetMeta(
-            name=info.name, num_classes=info.num_classes, image_shape=tuple(info.image_shape)
+            name=info.name,
+            num_classes=info.num_classes,
+            image_shape=delivered_shape(info, image_size),
         )
         for name, info in infos.items()
     }
 
 
 def row_bytes(info: DatasetInfo) -> int:
-    """Bytes of one stored image (H * W * C uint8)."""
+    """Bytes of one stored image's pixels (H * W * C uint8)."""
     h, w, c = info.image_shape
     return h * w * c
 

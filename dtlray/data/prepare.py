@@ -536,8 +536,8 @@ def write_split(
         images: ``(N, H, W, C)`` uint8 images.
         labels: ``(N,)`` integer labels.
         name: Dataset name, for progress messages.
-        image_format: How the rows are stored (raw pixels, PNG or JPEG). Encoded rows are
-            stored uncompressed by Parquet (zstd cannot shrink them; it would only cost time).
+        image_format: How the rows are stored (raw pixels, PNG or JPEG; see
+            :func:`parquet_compression`).
 
     Returns:
         The written shards, in order.
@@ -553,9 +553,7 @@ def write_split(
         pq.write_table(
             table,
             buffer,
-            compression=PARQUET_COMPRESSION
-            if image_format == "raw"
-            else {"image": "none", "label": PARQUET_COMPRESSION},
+            compression=parquet_compression(image_format),
             write_statistics=["label"],  # min/max labels let readers check the range cheaply
         )
         payload = buffer.getvalue()
@@ -572,6 +570,14 @@ def write_split(
             "%s: %s shard %d/%d: %s rows", name, split, number + 1, num_shards, f"{len(rows):,}"
         )
     return tuple(shards)
+
+
+def parquet_compression(image_format: str) -> str | dict[str, str]:
+    """Parquet compression of a shard: zstd, but none for encoded image rows (zstd cannot
+    shrink PNG or JPEG files; it would only cost time on every read)."""
+    if image_format == "raw":
+        return PARQUET_COMPRESSION
+    return {"image": "none", "label": PARQUET_COMPRESSION}
 
 
 def images_to_table(images: np.ndarray, labels: np.ndarray, image_format: str = "raw") -> pa.Table:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dtlray.data.codec import check_encoded
 from dtlray.data.layout import DatasetInfo, resolve_root
 from dtlray.errors import DtlrayError
 from dtlray.storage import filesystem, is_uri, join, storage_error
@@ -226,7 +227,9 @@ def read_split_table(info: DatasetInfo, split: str) -> pa.Table:
         A table with columns ``image`` (binary) and ``label`` (int64), in file order.
 
     Raises:
-        DtlrayError: See :func:`validate_split`.
+        DtlrayError: See :func:`validate_split`; or the rows are not stored as the dataset's
+            ``image_format`` says (:func:`dtlray.data.codec.check_encoded`: the first bytes of
+            every row).
     """
     validate_split(info, split)
     tables = []
@@ -236,7 +239,9 @@ def read_split_table(info: DatasetInfo, split: str) -> pa.Table:
             tables.append(pq.read_table(inner, columns=[IMAGE_COLUMN, LABEL_COLUMN], filesystem=fs))
         except OSError as err:
             raise storage_error(path, err) from None
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    check_encoded(table.column(IMAGE_COLUMN), info.image_format, dataset=info.name)
+    return table
 
 
 def describe_dataset(info: DatasetInfo) -> str:
