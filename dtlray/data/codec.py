@@ -2,10 +2,11 @@
 
 A dataset's ``image`` column holds one row per image. ``raw`` rows are the ``H*W*C`` uint8 pixel
 bytes, which the training worker views as a tensor without decoding
-(:func:`dtlray.data.decode.decode_uint8`). ``png`` and ``jpeg`` rows are encoded files, 5-10x
-smaller for photographs; they are decoded, and resized to the model's input size, on the CPUs of
-Ray Data (:class:`DecodeBatch` in ``map_batches``) ahead of the trainer, so the worker receives raw
-rows already at its input size and :func:`~dtlray.data.decode.to_model_input` does no resize.
+(:func:`dtlray.data.decode.decode_uint8`). ``png`` and ``jpeg`` rows are encoded files (224 px
+photographs: PNG about half the raw bytes, JPEG a tenth); they are decoded, and resized to the
+model's input size, on the CPUs of Ray Data (:class:`DecodeBatch` in ``map_batches``) ahead of
+the trainer, so the worker receives raw rows already at its input size and
+:func:`~dtlray.data.decode.to_model_input` does no resize.
 
 Resizing is PIL's bilinear filter, which widens its kernel when shrinking: the antialiased
 bilinear of ``torch.nn.functional.interpolate(..., antialias=True)`` that ``to_model_input`` uses

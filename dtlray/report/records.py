@@ -201,8 +201,8 @@ def check_experiment_dir(path: str | os.PathLike[str]) -> Path:
     text = os.fspath(path)
     if "://" in text:
         raise DtlrayError(
-            f"{text!r}: dtlray report reads a local experiment directory; copy it down first "
-            "(e.g. `aws s3 sync` / `gsutil rsync`) and pass the local copy"
+            f"{text!r}: the report is built from a local experiment directory; `dtlray report "
+            f"{text}` mirrors its records locally first (dtlray.report.remote.fetch_records)"
         )
     exp = Path(text).expanduser().resolve()
     if not exp.exists():

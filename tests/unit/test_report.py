@@ -821,7 +821,7 @@ def test_not_an_experiment(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(DtlrayError, match="is a file; pass the experiment directory"):
         build_report(tmp_path / "f.txt")
-    with pytest.raises(DtlrayError, match="copy it down first"):
+    with pytest.raises(DtlrayError, match="`dtlray report s3://bucket/results/exp` mirrors"):
         build_report("s3://bucket/results/exp")
 
 
