@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtlray.errors import DtlrayError
-from dtlray.storage import filesystem, is_uri
+from dtlray.storage import check_location, filesystem, is_uri
 
 if TYPE_CHECKING:
     from dtlray.search_space import SearchSpace
@@ -50,10 +50,15 @@ STAGE1_CACHE_DIR = "_stage1"
 def resolve_storage_path(path: str | None) -> str:
     """The storage path: ``path``, else ``$DTLRAY_STORAGE_PATH``, else ``~/dtlray_results``.
 
-    Local paths come back absolute (Ray Train rejects relative storage paths); URIs unchanged.
+    Local paths come back absolute (Ray Train rejects relative storage paths); URIs unchanged,
+    once their bucket answers (:func:`~dtlray.storage.check_location`).
+
+    Raises:
+        DtlrayError: a URI whose bucket, endpoint or credentials do not work (one line).
     """
     path = path or os.environ.get("DTLRAY_STORAGE_PATH") or DEFAULT_STORAGE_PATH
     if is_uri(path):
+        check_location(path)  # a missing bucket or a dead endpoint: one line now, not in Ray
         return path
     return str(Path(path).expanduser().resolve())
 

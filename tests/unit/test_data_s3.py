@@ -147,6 +147,10 @@ def test_missing_bucket(s3_env: S3Server, capsys: pytest.CaptureFixture[str]) ->
         assert "bucket 'no-such-bucket' does not exist" in err and s3_env.endpoint in err, err
     with pytest.raises(DtlrayError, match="bucket 'no-such-bucket' does not exist"):
         load_info("digits", "s3://no-such-bucket/data")
+    # Results on a missing bucket: refused before Ray starts.
+    for command in ("train", "tune"):
+        argv = [command, "search_spaces/tiny.yaml", "--storage-path", "s3://no-such-bucket/runs"]
+        assert "bucket 'no-such-bucket' does not exist" in fail_fast(argv, capsys)
 
 
 def test_endpoint_nothing_answers(
