@@ -124,7 +124,7 @@ def check_encoded(images: ImageColumn, image_format: str, *, dataset: str | None
             names the recorded format, what the rows hold and the fix.
     """
     check_image_format(image_format)
-    offsets, data = _binary_parts(images, dataset)
+    offsets, data = binary_parts(images, dataset)
     count = len(offsets) - 1
     if count == 0:
         return
@@ -187,7 +187,7 @@ def decode_images(
         return raw_rows_to_array(out)
 
     check_encoded(images, image_format, dataset=dataset)
-    offsets, data = _binary_parts(images, dataset)
+    offsets, data = binary_parts(images, dataset)
     buffer = data.data  # memoryview over the Arrow data buffer(s): rows are slices, no copies
     out = np.empty((len(offsets) - 1, out_h, out_w, channels), dtype=np.uint8)
     expected = (_PIL_FORMATS[image_format], _MODES[channels], (width, height))
@@ -324,10 +324,15 @@ def _binary_from_buffers(data: bytes | np.ndarray, lengths: np.ndarray) -> pa.Ar
     )
 
 
-def _binary_parts(images: ImageColumn, dataset: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Row offsets ``(N + 1,)`` int64 into one uint8 data array, for any Arrow binary column.
+def binary_parts(images: ImageColumn, dataset: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row offsets ``(N + 1,)`` int64 into one uint8 data array, for any Arrow binary column
+    (``binary``, ``large_binary``, ``binary_view``, ``fixed_size_binary``; sliced or not).
 
     A single chunk is read in place; several chunks (Ray's batches) are combined first.
+
+    Raises:
+        DtlrayError: a row is null (the message's fix names ``dataset``).
+        TypeError: not a binary column.
     """
     if isinstance(images, pa.ChunkedArray):
         if images.num_chunks == 0:
@@ -371,7 +376,7 @@ def _binary_parts(images: ImageColumn, dataset: str | None) -> tuple[np.ndarray,
 
 def _raw_rows(images: ImageColumn, row_bytes: int, dataset: str | None) -> np.ndarray:
     """Raw rows as a ``(N, row_bytes)`` uint8 view, every row's length checked."""
-    offsets, data = _binary_parts(images, dataset)
+    offsets, data = binary_parts(images, dataset)
     lengths = np.diff(offsets)
     wrong = np.flatnonzero(lengths != row_bytes)
     if wrong.size:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from dtlray.data.codec import binary_parts
 from dtlray.errors import DtlrayError
 
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
@@ -135,43 +136,16 @@ def _as_rows(images: ImageBatch, row_bytes: int) -> np.ndarray:
 
 
 def _arrow_rows(array: pa.Array, row_bytes: int) -> np.ndarray:
-    if array.null_count:
-        raise DtlrayError(
-            f"{array.null_count} image rows are null: the data is damaged; rebuild it with "
-            "`dtlray data prepare NAME --force`"
-        )
-    count = len(array)
-    kind = array.type
-    if pa.types.is_binary_view(kind):
-        array = array.cast(pa.large_binary())
-        kind = array.type
-    if pa.types.is_fixed_size_binary(kind):
-        if kind.byte_width != row_bytes:
-            raise _length_error(0, kind.byte_width, row_bytes)
-        data = array.buffers()[1]
-        start = array.offset * row_bytes
-    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        offset_type = np.int32 if pa.types.is_binary(kind) else np.int64
-        _, offset_buffer, data = array.buffers()
-        # offsets of a sliced array start at array.offset; values need not start at byte 0
-        offsets = np.frombuffer(
-            offset_buffer,
-            dtype=offset_type,
-            count=count + 1,
-            offset=array.offset * np.dtype(offset_type).itemsize,
-        )
-        lengths = np.diff(offsets)
-        wrong = np.flatnonzero(lengths != row_bytes)
-        if wrong.size:
-            raise _length_error(int(wrong[0]), int(lengths[wrong[0]]), row_bytes)
-        start = int(offsets[0])
-    else:
-        raise TypeError(f"image column must be binary, got Arrow type {kind}")
+    offsets, data = binary_parts(array)
+    lengths = np.diff(offsets)
+    wrong = np.flatnonzero(lengths != row_bytes)
+    if wrong.size:
+        raise _length_error(int(wrong[0]), int(lengths[wrong[0]]), row_bytes)
+    count = len(lengths)
     if count == 0:
         return np.empty((0, row_bytes), dtype=np.uint8)
-    return np.frombuffer(data, dtype=np.uint8, count=count * row_bytes, offset=start).reshape(
-        count, row_bytes
-    )
+    start = int(offsets[0])  # rows are contiguous: a view, no copy
+    return data[start : start + count * row_bytes].reshape(count, row_bytes)
 
 
 def _bytes_rows(rows: Sequence[Any], row_bytes: int) -> np.ndarray:
