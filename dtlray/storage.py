@@ -12,6 +12,7 @@ of an SDK error deep in a run. Importing this module is cheap: no torch, no Ray.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,20 +39,70 @@ def is_uri(path: str) -> bool:
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The ``pyarrow`` filesystem of a local path or URI, and the path inside it.
 
+    Filesystems of bucket URIs (``s3://``, ``gs://``) are made once per bucket and environment:
+    pyarrow asks S3 for a bucket's region each time it makes one, a request per call otherwise.
+
+    Args:
+        path: A local path or a URI.
+
+    Returns:
+        ``(filesystem, path inside it)``.
+
     Raises:
-        DtlrayError: a URI whose scheme ``pyarrow.fs`` does not know.
+        DtlrayError: a URI whose scheme ``pyarrow.fs`` does not know, with query parameters, or
+            whose store cannot be reached (one line, see :func:`storage_error`).
     """
-    import pyarrow as pa
     import pyarrow.fs as pafs
 
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if "?" in path:
+        raise DtlrayError(
+            f"{path}: URIs with query parameters are not supported; set the endpoint with "
+            "AWS_ENDPOINT_URL and the region with AWS_DEFAULT_REGION instead"
+        )
+    scheme, rest = path.split("://", 1)
+    if scheme in BUCKET_SCHEMES:
+        bucket = rest.split("/", 1)[0]
+        environment = tuple(os.environ.get(name) for name in _FILESYSTEM_VARIABLES)
+        return _bucket_filesystem(f"{scheme}://{bucket}", environment), rest.rstrip("/")
+    return _from_uri(path)
+
+
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+"""URI schemes whose first path part is a bucket (:func:`check_location` asks for it)."""
+
+# What decides a bucket filesystem besides its URI: a change makes a new one (tests change them).
+_FILESYSTEM_VARIABLES = (
+    *_CREDENTIAL_VARIABLES,
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(bucket_uri: str, _environment: tuple[str | None, ...]) -> pafs.FileSystem:
+    return _from_uri(bucket_uri)[0]
+
+
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
     try:
-        return pafs.FileSystem.from_uri(path)
+        return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise DtlrayError(
-            f"cannot use {path}: {err} (use a local path or a URI such as s3://BUCKET/PREFIX)"
+            f"cannot use {uri}: {err} (use a local path or a URI such as s3://BUCKET/PREFIX)"
         ) from None
+    except OSError as err:  # e.g. S3's region lookup of the bucket failed
+        raise storage_error(uri, err) from None
 
 
 def join(location: str, *parts: str) -> str:
@@ -62,8 +113,13 @@ def join(location: str, *parts: str) -> str:
 def check_location(location: str) -> None:
     """Fail fast, with one clear line, when a URI's bucket or endpoint cannot be used.
 
-    Local paths pass unchecked (their errors are already clear). For a URI this asks for the
-    bucket once: a few seconds at most when the endpoint does not answer (the SDK's retries).
+    Local paths, and URIs without buckets, pass unchecked (their errors are already clear). For
+    a bucket URI this asks for the bucket once (a few seconds at most when the endpoint does not
+    answer: the SDK's retries); where that is refused, for the location itself (a role may read
+    a prefix of a bucket it may not list).
+
+    Args:
+        location: A local path or a URI.
 
     Raises:
         DtlrayError: the bucket does not exist, the endpoint does not answer, or access is
@@ -71,14 +127,20 @@ def check_location(location: str) -> None:
     """
     import pyarrow.fs as pafs
 
-    if not is_uri(location):
+    if not is_uri(location) or location.split("://", 1)[0] not in BUCKET_SCHEMES:
         return
     fs, inner = filesystem(location)
     bucket = inner.split("/", 1)[0]
     try:
         info = fs.get_file_info(bucket)
     except OSError as err:
-        raise storage_error(location, err) from None
+        if not _is_refusal(str(err)):
+            raise storage_error(location, err) from None
+        try:
+            fs.get_file_info(inner)
+            return
+        except OSError:
+            raise storage_error(location, err) from None
     if info.type == pafs.FileType.NotFound:
         raise DtlrayError(
             f"{location}: bucket {bucket!r} does not exist{_endpoint_text()}: create it (e.g. "
@@ -87,9 +149,18 @@ def check_location(location: str) -> None:
 
 
 def storage_error(location: str, err: OSError) -> DtlrayError:
-    """One line for an object-storage ``OSError`` on ``location``: what failed and the fix."""
+    """One line for an object-storage ``OSError`` on ``location``: what failed and the fix.
+
+    Args:
+        location: The path or URI the failed operation was on.
+        err: The error pyarrow raised.
+
+    Returns:
+        The error to raise. On S3 with no credentials in sight, a refusal or an error the store
+        answered says so (an EC2 instance profile, which cannot be seen from here, may still
+        supply them).
+    """
     text = str(err)
-    scheme = str(location).split("://", 1)[0]
     if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
         return DtlrayError(
             f"{location}: cannot reach the object store{_endpoint_text()} ({_first_line(text)}): "
@@ -101,19 +172,36 @@ def storage_error(location: str, err: OSError) -> DtlrayError:
             f"{location}: bucket {bucket!r} does not exist{_endpoint_text()}: create it or fix "
             "the URI"
         )
-    if scheme == "s3" and not has_aws_credentials():
+    answered = "HTTP status" in text or _is_refusal(text)
+    if location.startswith("s3://") and answered and not has_aws_credentials():
         return DtlrayError(
-            f"{location}: the object store refused the request and no AWS credentials were "
-            "found (none of AWS_ACCESS_KEY_ID, AWS_PROFILE, a web identity or container token, "
-            "~/.aws/credentials): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-            f"AWS_PROFILE ({_first_line(text)})"
+            f"{location}: the object store refused the request ({_first_line(text)}) and no AWS "
+            "credentials were found (none of AWS_ACCESS_KEY_ID, AWS_PROFILE, a web identity or "
+            "container token, ~/.aws/credentials): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or check the instance profile on EC2"
         )
-    if "ACCESS_DENIED" in text or "403" in text:
+    if _is_refusal(text):
         return DtlrayError(
             f"{location}: access denied{_endpoint_text()} ({_first_line(text)}): check that the "
-            "credentials in use may read and write this bucket"
+            "credentials in use may read and write this location"
         )
     return DtlrayError(f"{location}: {_first_line(text)}")
+
+
+def _is_refusal(text: str) -> bool:
+    """Whether an SDK error message says the store refused the credentials or the request."""
+    return any(
+        marker in text
+        for marker in (
+            "ACCESS_DENIED",
+            "AccessDenied",
+            "HTTP status 403",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "INVALID_ACCESS_KEY_ID",
+            "SIGNATURE_DOES_NOT_MATCH",
+        )
+    )
 
 
 def has_aws_credentials() -> bool:

@@ -30,7 +30,9 @@ from dtlray.train_loop import train_loop_per_worker
 from dtlray.trial_data import (
     ArrowSplit,
     SplitTrainOnlyDataConfig,
+    data_task_options,
     ensure_dataset,
+    has_spare_cpu,
     label_budget,
     metas_for,
     shard_mb,
@@ -163,25 +165,28 @@ def plan_trial(
             s1_tree = tree_dir(storage_path, tree_key)
 
     splits = train_splits(cfg, source=mode == "compute")
-    image_size = cfg.data.image_size  # encoded images are decoded to it ahead of the workers
+    streams = stream_rows(cfg, splits)
+    assert not (in_process and streams), "runs_in_trial keeps a trial that streams out"
+    read = {
+        "in_process": in_process,
+        "image_size": cfg.data.image_size,  # encoded images are decoded to it ahead of the workers
+        "task_options": None if in_process else data_task_options(cfg),
+        "read_tasks": in_process or has_spare_cpu(cfg),
+    }
     datasets: dict[str, ray.data.Dataset | ArrowSplit] = {
-        key: split_dataset(info, "train", rows, in_process=in_process, image_size=image_size)
+        key: split_dataset(info, "train", rows, stream=key in streams, **read)
         for key, (info, rows) in splits.items()
     }
     for name in cfg.data.targets:
         for split in ("val", "test") if run_test else ("val",):
             datasets[dataset_key("finetune", name, split)] = split_dataset(
-                infos[name], split, in_process=in_process, image_size=image_size
+                infos[name], split, **read
             )
     if mode == "compute":
-        datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(
-            source, "val", in_process=in_process, image_size=image_size
-        )
-    streams = stream_rows(cfg, splits)
-    assert not (in_process and streams), "runs_in_trial keeps a trial that streams out"
+        datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(source, "val", **read)
 
     plan = WorkerPlan(
-        datasets=metas_for(infos, image_size),
+        datasets=metas_for(infos, cfg.data.image_size),
         stage1_mode=mode,  # type: ignore[arg-type]
         stage1_dir=s1_dir,
         stream_rows=streams,

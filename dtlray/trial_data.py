@@ -23,9 +23,11 @@ from dtlray.config import TrialConfig
 from dtlray.data import (
     BUILTIN_DATASETS,
     DatasetInfo,
+    DatasetNotPrepared,
     load_info,
     open_split,
     prepare_builtin,
+    read_split_labels,
     read_split_table,
 )
 from dtlray.data.codec import DecodeBatch
@@ -38,21 +40,21 @@ SMALL_SPLIT_BYTES = 256 * 2**20
 DECODE_BLOCK_ROWS = 512  # rows per Ray Data block of an in-memory split that is decoded
 
 DATA_TASK_CPUS = 0.1
-"""CPUs a Ray Data read or decode task of a trial asks for. A trial's Train workers may hold
-nearly all of a machine's CPUs (2 workers x 0.9 on 2 cores): tasks asking for a whole CPU would
-then never be scheduled and the trial would hang. They use whole cores while they run, so
-:func:`data_task_options` caps how many run at once at the cluster's CPU count."""
+"""CPUs a Ray Data read or decode task of a trial asks for when the trial's Train workers hold
+nearly all of the cluster's CPUs (see :func:`data_task_options`)."""
 
 
 def ensure_dataset(name: str, root: str | None) -> DatasetInfo:
     """Load a prepared dataset; prepare a built-in one on first use.
 
     Raises:
-        DtlrayError: a user dataset that was never prepared (says how to prepare it).
+        DtlrayError: a user dataset that was never prepared (says how to prepare it), or any
+            other error of :func:`~dtlray.data.load_info` (a bad ``dataset.json``, a bucket
+            that cannot be reached), which no prepare would mend.
     """
     try:
         return load_info(name, root)
-    except DtlrayError:
+    except DatasetNotPrepared:
         if name not in BUILTIN_DATASETS:
             raise
     log.info("dataset %r is not prepared yet; preparing it now (once)", name)
@@ -106,35 +108,56 @@ def split_dataset(
     *,
     in_process: bool = False,
     image_size: int | None = None,
+    stream: bool = False,
+    task_options: dict[str, Any] | None = None,
+    read_tasks: bool = True,
 ) -> ray.data.Dataset | ArrowSplit:
     """A split: the whole split, its first ``rows`` rows, or the rows listed.
 
     Splits under :data:`SMALL_SPLIT_BYTES` are read once here and handed over in memory
     (``from_arrow``): every Ray Data read pipeline costs seconds of start-up on each pass, which
-    dominates a trial whose targets are a few hundred images. Larger splits stream from Parquet.
+    dominates a trial whose targets are a few hundred images. Larger splits, and those that
+    ``stream`` (too large for a worker's memory), are read from Parquet by Ray Data tasks — on
+    any node, straight from the data root — unless they are a list of rows (a label budget).
     ``in_process``: always an :class:`ArrowSplit` (for a loop running in this process).
+    ``task_options``: Ray Data's ``num_cpus``/``concurrency`` for its decode tasks
+    (:func:`data_task_options`; default: Ray Data's). ``read_tasks``: whether Ray Data may run
+    Parquet read tasks beside the trial's workers (:func:`has_spare_cpu`); without, a streamed
+    split is read here and streamed from memory, and a large one cannot be read at all.
 
     Encoded rows (PNG, JPEG) are decoded and resized to ``image_size`` (None: kept at the stored
     size) by :func:`decoder`: in Ray Data tasks ahead of the trainer, or here for an
     :class:`ArrowSplit`. Either way the worker receives raw rows of :func:`delivered_shape`.
+
+    Raises:
+        DtlrayError: a split over :data:`SMALL_SPLIT_BYTES` where ``read_tasks`` is False.
     """
     decode = decoder(info, image_size)
+    options = task_options or {}
     large = stored_mb(info, split) * 2**20 > SMALL_SPLIT_BYTES
-    if large and not isinstance(rows, np.ndarray) and not in_process:
-        options = data_task_options()
+    listed = isinstance(rows, np.ndarray)  # a label budget: taken from a table read here
+    if large and not read_tasks and not listed and not in_process:
+        raise DtlrayError(
+            f"{info.name} {split} ({stored_mb(info, split):.0f} MB) is read by Ray Data tasks, "
+            "which need a CPU beside the trial's Train workers, and they hold all of this "
+            "cluster's CPUs: lower resources.num_workers or resources.cpus_per_worker, or add "
+            "CPUs"
+        )
+    from_parquet = large or (stream and read_tasks)
+    if from_parquet and not listed and not in_process:
         ds = open_split(
             info,
             split,
-            shuffle_files=split == "train",
-            ray_remote_args={"num_cpus": options["num_cpus"]},
-            concurrency=options["concurrency"],
+            # The first ``rows`` rows are the same rows every epoch (and those the in-memory
+            # path takes): no file shuffle then, the workers' local buffer still shuffles.
+            shuffle_files=split == "train" and rows is None,
         )
         ds = ds if rows is None else ds.limit(rows)
         if decode is None:
             return ds
         return ds.map_batches(decode, batch_format="pyarrow", **options)
     table = read_split_table(info, split)
-    if isinstance(rows, np.ndarray):
+    if listed:
         table = table.take(rows)
     elif rows is not None:
         table = table.slice(0, rows)
@@ -146,16 +169,31 @@ def split_dataset(
     starts = range(0, table.num_rows, DECODE_BLOCK_ROWS)
     blocks = [table.slice(start, DECODE_BLOCK_ROWS) for start in starts]
     return ray.data.from_arrow(blocks or [table]).map_batches(
-        decode, batch_format="pyarrow", **data_task_options()
+        decode, batch_format="pyarrow", **options
     )
 
 
-def data_task_options() -> dict[str, Any]:
-    """``num_cpus`` and ``concurrency`` of a trial's Ray Data tasks (see :data:`DATA_TASK_CPUS`)."""
-    return {
-        "num_cpus": DATA_TASK_CPUS,
-        "concurrency": max(1, int(ray.cluster_resources().get("CPU", 1))),
-    }
+def has_spare_cpu(cfg: TrialConfig) -> bool:
+    """Whether the cluster has a whole CPU beside the trial's Train workers for Ray Data tasks
+    (e.g. a GPU cluster, whose nodes the autoscaler adds; not 2 workers x 0.9 CPUs on 2 cores)."""
+    held = cfg.resources.num_workers * cfg.resources.cpus_per_worker
+    return ray.cluster_resources().get("CPU", 0) - held >= 1
+
+
+def data_task_options(cfg: TrialConfig) -> dict[str, Any]:
+    """``num_cpus`` and ``concurrency`` of a trial's Ray Data decode tasks.
+
+    Ray Data's defaults (a CPU a task) where the cluster :func:`has_spare_cpu`. Otherwise such
+    tasks would never be scheduled and the trial would hang: they then ask for
+    :data:`DATA_TASK_CPUS`, at most as many at once as the cluster has CPUs (they use whole
+    cores while they run). Parquet read tasks do not run on a fraction of a CPU beside Train's
+    workers in Ray 2.60 (measured: they starve), so without a spare CPU streamed splits are read
+    on the driver (:func:`split_dataset`).
+    """
+    if has_spare_cpu(cfg):
+        return {}
+    cpus = ray.cluster_resources().get("CPU", 0)
+    return {"num_cpus": DATA_TASK_CPUS, "concurrency": max(1, int(cpus))}
 
 
 def decoder(info: DatasetInfo, image_size: int | None) -> DecodeBatch | None:
@@ -189,7 +227,7 @@ def label_budget(info: DatasetInfo, cfg: TrialConfig) -> np.ndarray | None:
         return None
     # The budget is chosen from the label column: stratified, seeded, so every trial with the
     # same seed finetunes on the same examples.
-    labels = read_split_table(info, "train").column("label").to_numpy()
+    labels = read_split_labels(info, "train")
     return select_label_budget(labels, budget.samples_per_class, budget.train_fraction, cfg.seed)
 
 

@@ -1,6 +1,7 @@
 """What a Ray Train worker holds while it trains: the driver's plan, where it runs, its data.
 
-A split (or this rank's shard of it) is decoded once into uint8 tensors at the stored size, or,
+A split (or this rank's shard of it) is decoded once into uint8 tensors at the size it arrives
+(the stored size of raw rows; the model's input size of PNG/JPEG rows, which Ray Data decoded), or,
 when too large for memory, streamed from Ray Data every epoch. Every step takes from every task
 a share of the batch proportional to the task's size -- the same share whether the task is held
 or streamed -- converted to the model input on the worker's device (and augmented when the stage
@@ -228,7 +229,7 @@ class WorkerEnv:
 
 @dataclass
 class InMemorySplit:
-    """A split (or this rank's shard of it) decoded once to uint8 at the stored size."""
+    """A split (or this rank's shard of it) decoded once to uint8 at the size it arrives."""
 
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) int64
@@ -266,7 +267,7 @@ def shard_rows(rows: int, world_size: int) -> int:
 
 
 def read_shard(shard: Any, meta: DatasetMeta) -> InMemorySplit:
-    """Decode this worker's ``shard`` of a dataset into memory (uint8, stored size)."""
+    """Decode this worker's ``shard`` of a dataset into memory (uint8, ``meta.image_shape``)."""
     images, labels = [], []
     for batch in shard.iter_batches(batch_size=_DECODE_BATCH_ROWS, batch_format="pyarrow"):
         images.append(decode_uint8(batch["image"], meta.image_shape))

@@ -8,8 +8,12 @@ Read (every trial)::
 
     info = load_info("digits")
     ds = open_split(info, "train", shuffle_files=True)     # ray.data.Dataset, validated first
+    shape = info.image_shape
+    if info.image_format != "raw":                         # PNG/JPEG: Ray Data decodes them
+        decode = DecodeBatch(info.image_format, info.image_shape, out_size=32)
+        ds, shape = ds.map_batches(decode, batch_format="pyarrow"), decode.image_shape
     for batch in ds.iter_batches(batch_format="pyarrow"):
-        images = decode_uint8(batch["image"], info.image_shape)  # (B, C, H, W) uint8
+        images = decode_uint8(batch["image"], shape)        # (B, C, H, W) uint8
         x = to_model_input(images.to(device), size=32, channels=3)
 
 The decode functions (torch) load on first use and :func:`open_split` imports Ray when called, so
@@ -23,11 +27,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from dtlray.data.builtins import FASHION_MNIST_CLASSES, build_builtin, prepare_builtin
+from dtlray.data.codec import IMAGE_FORMATS, DecodeBatch
 from dtlray.data.folder import build_image_folder, prepare_image_folder
 from dtlray.data.layout import (
     BUILTIN_DATASETS,
     SPLITS,
     DatasetInfo,
+    DatasetNotPrepared,
     Provenance,
     ShardInfo,
     load_info,
@@ -35,7 +41,7 @@ from dtlray.data.layout import (
     validate_name,
 )
 from dtlray.data.prepare import Prepared
-from dtlray.data.read import open_split, read_split_table, validate_split
+from dtlray.data.read import open_split, read_split_labels, read_split_table, validate_split
 
 if TYPE_CHECKING:
     from dtlray.data.decode import decode_uint8, to_model_input
@@ -48,9 +54,12 @@ _LAZY = {
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "IMAGE_FORMATS",
     "FASHION_MNIST_CLASSES",
     "SPLITS",
     "DatasetInfo",
+    "DatasetNotPrepared",
+    "DecodeBatch",
     "Prepared",
     "Provenance",
     "ShardInfo",
@@ -61,6 +70,7 @@ __all__ = [
     "open_split",
     "prepare_builtin",
     "prepare_image_folder",
+    "read_split_labels",
     "read_split_table",
     "resolve_root",
     "to_model_input",

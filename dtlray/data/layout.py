@@ -63,6 +63,10 @@ def resolve_root(root: str | os.PathLike[str] | None) -> str:
     return os.path.abspath(Path(root).expanduser())
 
 
+class DatasetNotPrepared(DtlrayError):
+    """:func:`load_info` found no ``dataset.json`` for the dataset under the root."""
+
+
 def validate_name(name: str) -> str:
     """Check that ``name`` can be a dataset directory name and return it.
 
@@ -295,9 +299,10 @@ def load_info(name: str, root: str | os.PathLike[str] | None = None) -> DatasetI
         The dataset's :class:`DatasetInfo`.
 
     Raises:
-        DtlrayError: The name is invalid, the dataset is not prepared under the root (the message
-            says how to prepare it), its ``dataset.json`` is invalid, or the root is a URI whose
-            bucket, endpoint or credentials do not work (one line each).
+        DatasetNotPrepared: The dataset is not prepared under the root (the message says how to
+            prepare it).
+        DtlrayError: The name is invalid, its ``dataset.json`` is invalid, or the root is a URI
+            whose bucket, endpoint or credentials do not work (one line each).
     """
     resolved = resolve_root(root)
     path = join(resolved, validate_name(name))
@@ -312,7 +317,7 @@ def load_info(name: str, root: str | os.PathLike[str] | None = None) -> DatasetI
         how = f"`dtlray data prepare --image-folder DIR --name {name} --root {resolved}`"
     present = list_dataset_names(resolved)
     there = f" (prepared there: {', '.join(present)})" if present else ""
-    raise DtlrayError(f"dataset {name!r} is not prepared in {resolved}{there}: run {how}")
+    raise DatasetNotPrepared(f"dataset {name!r} is not prepared in {resolved}{there}: run {how}")
 
 
 def list_dataset_names(root: str) -> list[str]:

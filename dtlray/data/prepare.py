@@ -17,7 +17,8 @@ On object storage (a URI root) there is no rename: the shards are written in pla
 ``dataset.json`` last, in one PUT that the store makes visible only when complete, so it is the
 commit. A crash leaves shards without ``dataset.json``, which no reader takes for a dataset and
 the next prepare clears; ``--force`` first withdraws the old ``dataset.json``. Two prepares of one
-dataset on object storage at the same time are not supported (the last one wins).
+dataset on object storage at the same time are not supported: one may clear the other's
+shards, which the next read reports as missing (run the prepare again with ``--force``).
 """
 
 from __future__ import annotations
@@ -253,9 +254,14 @@ def _prepare_in_store(
     target = join(root, name)
     fs, inner = filesystem(target)
     try:
-        existing = read_info(target)
+        existing: DatasetInfo | None = read_info(target)
+        described = True
     except FileNotFoundError:
-        existing = None
+        existing, described = None, False
+    except DtlrayError:  # an invalid dataset.json: what --force is for
+        if not force:
+            raise
+        existing, described = None, True
     if existing is not None and not force:
         return Prepared(_reuse(existing, recipe), reused=True)
     try:
@@ -273,14 +279,17 @@ def _prepare_in_store(
             "prepare will not write there: move them away or choose another --name/--root"
         )
     try:
-        if existing is not None:  # --force: withdraw the old dataset before changing its shards
+        if described:  # --force: withdraw the old dataset before changing its shards
             fs.delete_file(f"{inner}/{INFO_FILE}")
         if entries:
             logger.info(
                 "%s: clearing %d files of an unfinished or replaced prepare", name, len(entries)
             )
             fs.delete_dir_contents(inner, missing_dir_ok=True)
-        source = load()
+    except OSError as err:
+        raise storage_error(target, err) from None
+    source = load()  # outside the try: a loader's OSError is no object-store error
+    try:
         _write_dataset(_StoreSink(fs, inner), name, source, recipe, limit=limit, path=target)
     except OSError as err:
         raise storage_error(target, err) from None

@@ -5,9 +5,9 @@ one clear message naming the file (and how to rebuild) instead of a Ray task err
 training run. On a local disk it reads only Parquet footers, plus one sha256 pass over the files
 (cached per process by size, mtime and inode; about 0.1 s for Fashion-MNIST's 55 MB). On object
 storage it compares the listing's sizes with ``dataset.json`` — one LIST request per split, not
-a download of every shard at every trial start; footers and hashes are checked there when a
-``prepare`` reuses the dataset (``deep=True``). Ray Data reads the shards straight from the
-store, on whichever node runs the read task.
+a download of every shard at every trial start; the footers are checked there when a
+``prepare`` reuses the dataset. Ray Data reads the shards straight from the store, on whichever
+node runs the read task.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -198,8 +199,10 @@ def open_split(
         **read_kwargs: Passed on to :func:`ray.data.read_parquet` (e.g. ``override_num_blocks``).
 
     Returns:
-        A dataset with columns ``image`` (binary) and ``label`` (int64); decode batches with
-        :func:`dtlray.data.decode_uint8`, then :func:`dtlray.data.to_model_input`.
+        A dataset with columns ``image`` (binary, stored as ``info.image_format``) and ``label``
+        (int64). Raw rows decode with :func:`dtlray.data.decode_uint8`, then
+        :func:`dtlray.data.to_model_input`; PNG/JPEG rows need a
+        :class:`~dtlray.data.DecodeBatch` in ``map_batches`` first.
 
     Raises:
         DtlrayError: See :func:`validate_split`.
@@ -242,6 +245,26 @@ def read_split_table(info: DatasetInfo, split: str) -> pa.Table:
     table = pa.concat_tables(tables)
     check_encoded(table.column(IMAGE_COLUMN), info.image_format, dataset=info.name)
     return table
+
+
+def read_split_labels(info: DatasetInfo, split: str) -> np.ndarray:
+    """Validate a split, then read only its ``label`` column (no image bytes).
+
+    Returns:
+        The labels in file order, int64.
+
+    Raises:
+        DtlrayError: See :func:`validate_split`.
+    """
+    validate_split(info, split)
+    parts = []
+    for path in info.split_files(split):
+        fs, inner = filesystem(path)
+        try:
+            parts.append(pq.read_table(inner, columns=[LABEL_COLUMN], filesystem=fs)[LABEL_COLUMN])
+        except OSError as err:
+            raise storage_error(path, err) from None
+    return np.concatenate([part.to_numpy() for part in parts]).astype(np.int64)
 
 
 def describe_dataset(info: DatasetInfo) -> str:

@@ -54,7 +54,12 @@ def test_prepare_train_tune_report_all_on_s3(s3_env: S3Server, tmp_path: Path) -
     assert f"datasets in {data}:" in listing
     assert all(name in listing for name in ("fashion-mnist", "digits", "faces")), listing
 
-    out = dtlray("train", TINY, "--storage-path", runs, "--name", "one")
+    # Streamed: Ray Data's read tasks (Ray workers, not this driver) read the source's shards
+    # from S3 every epoch.
+    out = dtlray(
+        "train", TINY, "--storage-path", runs, "--name", "one", "--set", "data.in_memory_max_mb=0"
+    )
+    assert "pretrain streams from Ray Data every epoch" in out, out
     final = out.split("final metrics:", 1)[1]
     test_acc = float(final.split("target/test_acc", 1)[1].split()[0])
     assert 0.0 < test_acc <= 1.0

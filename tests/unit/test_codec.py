@@ -11,12 +11,14 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 import skimage.data
 import torch
 from sklearn.datasets import load_digits, load_sample_images
@@ -280,25 +282,33 @@ def test_bad_shapes_and_sizes(shape: tuple[int, int, int], size: int | None) -> 
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
+def local_ray() -> Iterator[None]:
+    """A local Ray for Ray Data: the one already running (the integration tests' session Ray,
+    when they ran first), else a 1-CPU one of its own, shut down afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
     ray.init(num_cpus=1, include_dashboard=False)
-    yield ray
+    yield
     ray.shutdown()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["from_arrow", "read_parquet"])
-def test_decode_batch_in_ray_data(local_ray, tmp_path: Path, rgb: np.ndarray, source: str) -> None:
+def test_decode_batch_in_ray_data(
+    local_ray: None, tmp_path: Path, rgb: np.ndarray, source: str
+) -> None:
     labels = np.arange(len(rgb), dtype=np.int64)
     table = pa.table({"image": encode_images(rgb, "jpeg"), "label": labels})
     if source == "from_arrow":
-        ds = local_ray.data.from_arrow(table)
+        ds = ray.data.from_arrow(table)
     else:  # the shards' path: Parquet may come back as large_binary or binary_view
         pq.write_table(table.slice(0, 7), tmp_path / "part-0.parquet")
         pq.write_table(table.slice(7), tmp_path / "part-1.parquet")
         files = [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
-        ds = local_ray.data.read_parquet(files)
+        ds = ray.data.read_parquet(files)
     decode = DecodeBatch("jpeg", rgb.shape[1:], out_size=16)
     ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=5)
     images, seen = [], []

@@ -111,6 +111,15 @@ def test_force_and_foreign_files(s3_env: S3Server, capsys: pytest.CaptureFixture
             prepare_builtin("faces", other, force=force)
     assert objects(f"{other}/faces") == ["notes.txt"]  # left as it was
 
+    # A damaged dataset.json: refused as invalid, and --force replaces it.
+    fs, inner = pafs.FileSystem.from_uri(f"{root}/faces/dataset.json")
+    with fs.open_output_stream(inner) as handle:
+        handle.write(b"{not json")
+    err = fail_fast(["data", "prepare", "faces", "--root", root], capsys)
+    assert "is not a valid dataset description" in err and "--force" in err, err
+    assert run(["data", "prepare", "faces", "--root", root, "--force"], capsys)[0] == 0
+    assert load_info("faces", root).provenance.seed == 0
+
 
 def test_prepare_killed_half_way_leaves_nothing_that_looks_whole(
     s3_env: S3Server, tmp_path: Path
@@ -162,6 +171,16 @@ def test_endpoint_nothing_answers(
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     err = fail_fast(["data", "prepare", "digits", "--root", "s3://any/data"], capsys)
     assert f"cannot reach the object store at {dead}" in err and "AWS_ENDPOINT_URL" in err, err
+
+
+def test_real_aws_unreachable(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without an endpoint override pyarrow asks AWS for the bucket's region first: with no
+    network to AWS (as here), that fails too, with the same one line."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    err = fail_fast(["data", "list", "--root", "s3://dtlray-no-network/data"], capsys)
+    assert "cannot reach the object store" in err, err
 
 
 def test_missing_credentials(
