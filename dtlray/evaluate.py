@@ -13,12 +13,11 @@ import torch
 
 from dtlray.checkpoints import CHECKPOINT_FILE, CHECKPOINT_META
 from dtlray.config import TrialConfig
-from dtlray.data import decode_uint8, read_split_table
 from dtlray.stages import build_model, finetune_stage
 from dtlray.storage import filesystem
 from dtlray.train_loop import evaluate
-from dtlray.trial_data import decoder, ensure_dataset, metas_for
-from dtlray.worker import InMemorySplit, WorkerEnv
+from dtlray.trial_data import ensure_dataset, metas_for, split_dataset
+from dtlray.worker import WorkerEnv, read_shard
 
 
 def evaluate_checkpoint(
@@ -38,7 +37,8 @@ def evaluate_checkpoint(
         state = torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
     cfg = TrialConfig.from_dict(meta["config"])
     infos = {name: ensure_dataset(name, cfg.data.root) for name in cfg.data.targets}
-    spec = finetune_stage(cfg, metas_for(infos, cfg.data.image_size))
+    image_size = cfg.data.image_size  # encoded rows are decoded to it, as in the trial
+    spec = finetune_stage(cfg, metas_for(infos, image_size))
     model = build_model(cfg, spec.heads, load_weights=False)  # the checkpoint has them all
     model.load_state_dict(state["model"])
     env = WorkerEnv(
@@ -52,13 +52,8 @@ def evaluate_checkpoint(
     model.to(env.device)
     data = {}
     for task in spec.tasks:
-        table = read_split_table(infos[task.name], split)
-        decode = decoder(infos[task.name], cfg.data.image_size)
-        table = table if decode is None else decode(table)
-        data[task.name] = InMemorySplit(
-            decode_uint8(table.column("image"), task.meta.image_shape),
-            torch.from_numpy(table.column("label").to_numpy().astype("int64")),
-        )
+        rows = split_dataset(infos[task.name], split, in_process=True, image_size=image_size)
+        data[task.name] = read_shard(rows, task.meta)
     predicted: dict[str, torch.Tensor] = {}
     results = evaluate(model, spec.tasks, data, env, predictions=predicted)
     metrics = {f"target/{name}/{split}_acc": acc for name, (acc, _) in results.items()}

@@ -110,6 +110,27 @@ def join(location: str, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *parts])
 
 
+def list_files(location: str, *, recursive: bool = True) -> dict[str, pafs.FileInfo]:
+    """The files under ``location`` (path or URI), by path relative to it; none if it is absent.
+
+    Raises:
+        DtlrayError: the store failed (one line, see :func:`storage_error`).
+    """
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(location)
+    selector = pafs.FileSelector(inner, recursive=recursive, allow_not_found=True)
+    try:
+        entries = fs.get_file_info(selector)
+    except OSError as err:
+        raise storage_error(location, err) from None
+    return {
+        entry.path[len(inner.rstrip("/")) + 1 :]: entry
+        for entry in entries
+        if entry.type == pafs.FileType.File
+    }
+
+
 def check_location(location: str) -> None:
     """Fail fast, with one clear line, when a URI's bucket or endpoint cannot be used.
 

@@ -32,7 +32,6 @@ from dtlray.trial_data import (
     SplitTrainOnlyDataConfig,
     data_task_options,
     ensure_dataset,
-    has_spare_cpu,
     label_budget,
     metas_for,
     shard_mb,
@@ -171,7 +170,6 @@ def plan_trial(
         "in_process": in_process,
         "image_size": cfg.data.image_size,  # encoded images are decoded to it ahead of the workers
         "task_options": None if in_process else data_task_options(cfg),
-        "read_tasks": in_process or has_spare_cpu(cfg),
     }
     datasets: dict[str, ray.data.Dataset | ArrowSplit] = {
         key: split_dataset(info, "train", rows, stream=key in streams, **read)

@@ -110,7 +110,6 @@ def split_dataset(
     image_size: int | None = None,
     stream: bool = False,
     task_options: dict[str, Any] | None = None,
-    read_tasks: bool = True,
 ) -> ray.data.Dataset | ArrowSplit:
     """A split: the whole split, its first ``rows`` rows, or the rows listed.
 
@@ -120,20 +119,20 @@ def split_dataset(
     ``stream`` (too large for a worker's memory), are read from Parquet by Ray Data tasks — on
     any node, straight from the data root — unless they are a list of rows (a label budget).
     ``in_process``: always an :class:`ArrowSplit` (for a loop running in this process).
-    ``task_options``: Ray Data's ``num_cpus``/``concurrency`` for its decode tasks
-    (:func:`data_task_options`; default: Ray Data's). ``read_tasks``: whether Ray Data may run
-    Parquet read tasks beside the trial's workers (:func:`has_spare_cpu`); without, a streamed
-    split is read here and streamed from memory, and a large one cannot be read at all.
+    ``task_options``: :func:`data_task_options` (default: Ray Data's own, a CPU a task). Where
+    they are fractional (no CPU spare beside the trial's workers) Parquet read tasks cannot run:
+    a streamed split is then read here and streamed from memory, and a large one not at all.
 
     Encoded rows (PNG, JPEG) are decoded and resized to ``image_size`` (None: kept at the stored
     size) by :func:`decoder`: in Ray Data tasks ahead of the trainer, or here for an
     :class:`ArrowSplit`. Either way the worker receives raw rows of :func:`delivered_shape`.
 
     Raises:
-        DtlrayError: a split over :data:`SMALL_SPLIT_BYTES` where ``read_tasks`` is False.
+        DtlrayError: a split over :data:`SMALL_SPLIT_BYTES` with fractional ``task_options``.
     """
     decode = decoder(info, image_size)
     options = task_options or {}
+    read_tasks = not options  # Ray Data's defaults: a CPU is spare for its read tasks
     large = stored_mb(info, split) * 2**20 > SMALL_SPLIT_BYTES
     listed = isinstance(rows, np.ndarray)  # a label budget: taken from a table read here
     if large and not read_tasks and not listed and not in_process:
@@ -173,26 +172,20 @@ def split_dataset(
     )
 
 
-def has_spare_cpu(cfg: TrialConfig) -> bool:
-    """Whether the cluster has a whole CPU beside the trial's Train workers for Ray Data tasks
-    (e.g. a GPU cluster, whose nodes the autoscaler adds; not 2 workers x 0.9 CPUs on 2 cores)."""
-    held = cfg.resources.num_workers * cfg.resources.cpus_per_worker
-    return ray.cluster_resources().get("CPU", 0) - held >= 1
-
-
 def data_task_options(cfg: TrialConfig) -> dict[str, Any]:
     """``num_cpus`` and ``concurrency`` of a trial's Ray Data decode tasks.
 
-    Ray Data's defaults (a CPU a task) where the cluster :func:`has_spare_cpu`. Otherwise such
-    tasks would never be scheduled and the trial would hang: they then ask for
-    :data:`DATA_TASK_CPUS`, at most as many at once as the cluster has CPUs (they use whole
-    cores while they run). Parquet read tasks do not run on a fraction of a CPU beside Train's
-    workers in Ray 2.60 (measured: they starve), so without a spare CPU streamed splits are read
+    Empty (Ray Data's defaults, a CPU a task) where the cluster has a whole CPU beside the
+    trial's Train workers, e.g. a GPU cluster, whose nodes the autoscaler adds. Otherwise (2
+    workers x 0.9 CPUs on 2 cores) such tasks would never be scheduled and the trial would hang:
+    they then ask for :data:`DATA_TASK_CPUS`, at most as many at once as the cluster has CPUs
+    (they use whole cores while they run). Parquet read tasks do not run on a fraction of a CPU
+    beside Train's workers in Ray 2.60 (measured: they starve), so then streamed splits are read
     on the driver (:func:`split_dataset`).
     """
-    if has_spare_cpu(cfg):
-        return {}
     cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus - cfg.resources.num_workers * cfg.resources.cpus_per_worker >= 1:
+        return {}
     return {"num_cpus": DATA_TASK_CPUS, "concurrency": max(1, int(cpus))}
 
 

@@ -124,7 +124,13 @@ def check_encoded(images: ImageColumn, image_format: str, *, dataset: str | None
             names the recorded format, what the rows hold and the fix.
     """
     check_image_format(image_format)
-    offsets, data = binary_parts(images, dataset)
+    _check_signatures(*binary_parts(images, dataset), image_format, dataset)
+
+
+def _check_signatures(
+    offsets: np.ndarray, data: np.ndarray, image_format: str, dataset: str | None
+) -> None:
+    """:func:`check_encoded` on rows already cut out of their column (``binary_parts``)."""
     count = len(offsets) - 1
     if count == 0:
         return
@@ -173,7 +179,7 @@ def decode_images(
     out_h, out_w, _ = delivered_image_shape((height, width, channels), out_size)
     resize = (out_h, out_w) != (height, width)
     if image_format == "raw":
-        rows = _raw_rows(images, height * width * channels, dataset)
+        rows = raw_rows(images, height * width * channels, dataset)
         if not resize:
             return images.combine_chunks() if isinstance(images, pa.ChunkedArray) else images
         source = rows.reshape(-1, height, width, channels)
@@ -186,8 +192,8 @@ def decode_images(
             out[i] = np.asarray(resized).reshape(out_h, out_w, channels)
         return raw_rows_to_array(out)
 
-    check_encoded(images, image_format, dataset=dataset)
-    offsets, data = binary_parts(images, dataset)
+    offsets, data = binary_parts(images, dataset)  # once: several chunks are combined, a copy
+    _check_signatures(offsets, data, image_format, dataset)
     buffer = data.data  # memoryview over the Arrow data buffer(s): rows are slices, no copies
     out = np.empty((len(offsets) - 1, out_h, out_w, channels), dtype=np.uint8)
     expected = (_PIL_FORMATS[image_format], _MODES[channels], (width, height))
@@ -374,23 +380,31 @@ def binary_parts(images: ImageColumn, dataset: str | None = None) -> tuple[np.nd
     return offsets, np.frombuffer(data_buffer, dtype=np.uint8)
 
 
-def _raw_rows(images: ImageColumn, row_bytes: int, dataset: str | None) -> np.ndarray:
-    """Raw rows as a ``(N, row_bytes)`` uint8 view, every row's length checked."""
+def raw_rows(images: ImageColumn, row_bytes: int, dataset: str | None = None) -> np.ndarray:
+    """Raw rows as a ``(N, row_bytes)`` uint8 view (no copy of a single chunk), every row's
+    length checked.
+
+    Raises:
+        DtlrayError: a row is null or not ``row_bytes`` long (the message names it and the fix).
+    """
     offsets, data = binary_parts(images, dataset)
     lengths = np.diff(offsets)
     wrong = np.flatnonzero(lengths != row_bytes)
     if wrong.size:
-        row = int(wrong[0])
-        raise DtlrayError(
-            f"image row {row} of the batch has {lengths[row]} bytes, but the dataset's image "
-            f"shape needs {row_bytes} (H*W*C): the data does not match its dataset.json; "
-            f"{_FIX.format(name=dataset or 'NAME')}"
-        )
+        raise row_length_error(int(wrong[0]), int(lengths[wrong[0]]), row_bytes, dataset)
     count = len(lengths)
     if count == 0:
         return np.empty((0, row_bytes), dtype=np.uint8)
-    start = int(offsets[0])
+    start = int(offsets[0])  # raw rows are contiguous
     return data[start : start + count * row_bytes].reshape(count, row_bytes)
+
+
+def row_length_error(row: int, length: int, row_bytes: int, dataset: str | None) -> DtlrayError:
+    """The error for a raw row whose length is not the dataset's ``H*W*C``."""
+    return DtlrayError(
+        f"image row {row} has {length} bytes, but the dataset's image shape needs {row_bytes} "
+        f"(H*W*C): the data does not match its dataset.json; {_FIX.format(name=dataset or 'NAME')}"
+    )
 
 
 def _starts_with(offsets: np.ndarray, data: np.ndarray, signature: bytes) -> np.ndarray:

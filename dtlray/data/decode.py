@@ -17,8 +17,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from dtlray.data.codec import binary_parts
-from dtlray.errors import DtlrayError
+from dtlray.data.codec import raw_rows, row_length_error
 
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -118,10 +117,10 @@ def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 def _as_rows(images: ImageBatch, row_bytes: int) -> np.ndarray:
     """View a batch of rows as a ``(B, row_bytes)`` uint8 array, checking every row's length."""
     if isinstance(images, pa.Array):
-        return _arrow_rows(images, row_bytes)
+        return raw_rows(images, row_bytes)
     if isinstance(images, np.ndarray) and images.dtype.kind == "S":
         if images.dtype.itemsize != row_bytes:  # numpy pads fixed-width bytes; no row lengths
-            raise _length_error(0, images.dtype.itemsize, row_bytes)
+            raise row_length_error(0, images.dtype.itemsize, row_bytes, None)
         return np.ascontiguousarray(images).reshape(-1).view(np.uint8).reshape(-1, row_bytes)
     if (
         isinstance(images, np.ndarray)
@@ -135,33 +134,12 @@ def _as_rows(images: ImageBatch, row_bytes: int) -> np.ndarray:
     )
 
 
-def _arrow_rows(array: pa.Array, row_bytes: int) -> np.ndarray:
-    offsets, data = binary_parts(array)
-    lengths = np.diff(offsets)
-    wrong = np.flatnonzero(lengths != row_bytes)
-    if wrong.size:
-        raise _length_error(int(wrong[0]), int(lengths[wrong[0]]), row_bytes)
-    count = len(lengths)
-    if count == 0:
-        return np.empty((0, row_bytes), dtype=np.uint8)
-    start = int(offsets[0])  # rows are contiguous: a view, no copy
-    return data[start : start + count * row_bytes].reshape(count, row_bytes)
-
-
 def _bytes_rows(rows: Sequence[Any], row_bytes: int) -> np.ndarray:
     count = len(rows)
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=count)
     wrong = np.flatnonzero(lengths != row_bytes)
     if wrong.size:
-        raise _length_error(int(wrong[0]), int(lengths[wrong[0]]), row_bytes)
+        raise row_length_error(int(wrong[0]), int(lengths[wrong[0]]), row_bytes, None)
     if count == 0:
         return np.empty((0, row_bytes), dtype=np.uint8)
     return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(count, row_bytes)
-
-
-def _length_error(row: int, length: int, row_bytes: int) -> DtlrayError:
-    return DtlrayError(
-        f"image row {row} has {length} bytes, but the dataset's image shape needs {row_bytes} "
-        "(H*W*C): the data does not match its dataset.json; rebuild it with "
-        "`dtlray data prepare NAME --force`"
-    )

@@ -58,7 +58,7 @@ from dtlray.data.layout import (
     validate_name,
 )
 from dtlray.errors import DtlrayError
-from dtlray.storage import check_location, filesystem, is_uri, join, storage_error
+from dtlray.storage import check_location, filesystem, is_uri, join, list_files, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -264,15 +264,8 @@ def _prepare_in_store(
         existing, described = None, True
     if existing is not None and not force:
         return Prepared(_reuse(existing, recipe), reused=True)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
-    except OSError as err:
-        raise storage_error(target, err) from None
-    foreign = [
-        entry.path
-        for entry in entries
-        if entry.type == pafs.FileType.File and not _is_dataset_file(entry.path[len(inner) + 1 :])
-    ]
+    entries = list_files(target)
+    foreign = [join(target, relative) for relative in entries if not _is_dataset_file(relative)]
     if foreign:
         raise DtlrayError(
             f"{target} holds files that are not a dtlray dataset's (e.g. {foreign[0]}), so "

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from dtlray.data.codec import check_encoded
 from dtlray.data.layout import DatasetInfo, resolve_root
 from dtlray.errors import DtlrayError
-from dtlray.storage import filesystem, is_uri, join, storage_error
+from dtlray.storage import filesystem, is_uri, join, list_files, storage_error
 
 if TYPE_CHECKING:
     import ray.data
@@ -75,24 +75,16 @@ def validate_split(
     Raises:
         DtlrayError: Unknown split, or any mismatch; the message names the file and the fix.
     """
-    import pyarrow.fs as pafs
 
     listed = info.split_files(split)
     local = not is_uri(info.path)
     footers = local if footers is None else footers
     check_hashes = local if check_hashes is None else check_hashes
     fix = f"rebuild the dataset with {rebuild_hint(info)}"
-    fs, split_dir = filesystem(join(info.path, split))
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(split_dir, allow_not_found=True))
-    except OSError as err:
-        raise storage_error(join(info.path, split), err) from None
     present = {
-        join(info.path, split, entry.base_name): entry.size
-        for entry in entries
-        if entry.type == pafs.FileType.File
-        and entry.base_name.startswith("part-")
-        and entry.base_name.endswith(".parquet")
+        join(info.path, split, name): entry.size
+        for name, entry in list_files(join(info.path, split), recursive=False).items()
+        if name.startswith("part-") and name.endswith(".parquet")
     }
     for path in listed:
         if path not in present:

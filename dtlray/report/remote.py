@@ -13,11 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from dtlray.errors import DtlrayError
 from dtlray.experiment import BASELINE_DIR, BEST_FILE, REPORT_DIR
-from dtlray.storage import check_location, filesystem, join, storage_error
+from dtlray.storage import check_location, filesystem, join, list_files, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +38,15 @@ def fetch_records(uri: str) -> Path:
     check_location(uri)
     fs, inner = filesystem(uri)
     local = mirror_path(uri)
+    files = {path: entry for path, entry in list_files(uri).items() if _is_record(path)}
+    if not files:
+        raise DtlrayError(
+            f"no experiment at {uri}: pass <storage-path>/<name> as printed by dtlray tune"
+        )
+    fetched = 0
     try:
-        entries = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
-        files = [
-            entry
-            for entry in entries
-            if entry.type == pafs.FileType.File and _is_record(entry.path[len(inner) + 1 :])
-        ]
-        if not files:
-            raise DtlrayError(
-                f"no experiment at {uri}: pass <storage-path>/<name> as printed by dtlray tune"
-            )
-        fetched = 0
-        for entry in files:
-            target = local / entry.path[len(inner) + 1 :]
+        for relative, entry in files.items():
+            target = local / relative
             stamp = entry.mtime_ns or 0
             if _same(target, entry.size, stamp):
                 continue
