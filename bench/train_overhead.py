@@ -29,7 +29,10 @@ How to read the output:
   printed on its own: it is paid every epoch, but neither side's samples/s includes it.
 * **search trial**: the same trial as a one-trial ``dtlray tune`` search (FIFO) — what a search
   pays per trial, from ``tuner.fit()`` to its result (a one-worker trial runs the worker loop in
-  its Tune trial). The last two lines are the headline: ``END-TO-END RATIO plain/dtlray`` (the
+  its Tune trial). Then a search of 3 copies of it, one at a time: the later two run in the
+  first one's trial process (Tune's ``reuse_actors``), and what each costs beyond its epochs is
+  printed as the fixed cost of a later trial of a search. The last two lines are the headline,
+  for the first trial in a fresh trial process: ``END-TO-END RATIO plain/dtlray`` (the
   plain loop's set-up plus the same epochs over the search trial's wall; goal >= 0.85) and
   ``PER-EPOCH OVERHEAD`` (median time between two reports outside the train pass, as a share of
   the train pass; goal <= 5%).
@@ -74,6 +77,8 @@ from dtlray.trial_data import select_label_budget
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = REPO_ROOT / "search_spaces" / "tiny.yaml"
 RUN_NAME = "train-overhead"
+# Trials after the first in the repeated search (each runs in the first one's process).
+REUSED_TRIALS = 2
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -371,23 +376,32 @@ class SearchTrialRun:
     trial_total: float  # Tune's time_total_s of the last report: trial start to last report
 
 
-def run_search_trial(cfg: TrialConfig, storage: str) -> SearchTrialRun:
-    """The same trial as a one-trial search (FIFO): Tune runs it, in-process for one worker."""
+def run_search_trial(cfg: TrialConfig, storage: str, trials: int = 1) -> SearchTrialRun:
+    """The same trial as a search (FIFO) of ``trials`` copies, one at a time: Tune runs it,
+    in-process for one worker; from the second on, in the first one's process (reused).
+
+    Returns the first trial's epochs and the whole search's wall."""
     space = parse_space(
         {
             "trial": cfg.to_dict(),
             # One value: the search is the trial itself (a space must search something).
             "search": {"stage2.lr": {"choices": [cfg.stage2.lr]}},
             "scheduler": {"type": "fifo"},
-            "num_samples": 1,
+            "num_samples": trials,
+            "max_concurrent_trials": 1,
         }
     )
-    tuner = build_tuner(space, storage_path=storage, name="search-trial", study_storage=None)
+    name = f"search-{trials}-trials"
+    tuner = build_tuner(space, storage_path=storage, name=name, study_storage=None)
     start = time.perf_counter()
-    (result,) = tuner.fit()
+    results = tuner.fit()
     wall = time.perf_counter() - start
-    if result.error is not None:
-        raise RuntimeError(f"the search trial failed: {result.error}")
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"a search trial failed: {errors[0]}")
+    if len({r.metrics["pid"] for r in results}) != 1:
+        raise RuntimeError("the search's trials did not run in one reused process")
+    result = min(results, key=lambda r: r.metrics["timestamp"])
     rows = result.metrics_dataframe.to_dict("records")
     if len(rows) != cfg.stage2.epochs:
         raise RuntimeError(f"expected {cfg.stage2.epochs} reports, got {len(rows)}")
@@ -464,7 +478,11 @@ def print_report(
 
 
 def print_search_trial(
-    cfg: TrialConfig, before: list[EpochStats], plain_setup: float, trial: SearchTrialRun
+    cfg: TrialConfig,
+    before: list[EpochStats],
+    plain_setup: float,
+    trial: SearchTrialRun,
+    repeated: SearchTrialRun,
 ) -> None:
     """What a one-worker search trial costs from the user's side, and the headline lines."""
     # Epoch 2.. : from one report to the next is the train pass plus everything else.
@@ -496,6 +514,16 @@ def print_search_trial(
         f"  per epoch outside the train pass "
         f"median {statistics.median(outside):.2f} s "
         f"[{', '.join(f'{o:.2f}' for o in outside)}]"
+    )
+    # A later trial in the same search: the repeated search's wall over the single trial's is
+    # REUSED_TRIALS trials more, each its epochs (as the first's) plus its own fixed cost.
+    epochs_wall = trial.wall - fixed
+    reused_fixed = (repeated.wall - trial.wall) / REUSED_TRIALS - epochs_wall
+    print(
+        f"  a later trial of a search, in a reused trial process: fixed cost {reused_fixed:.2f} s"
+        f" (from a search of {REUSED_TRIALS + 1} copies one at a time: wall "
+        f"{repeated.wall:.2f} s); call to result {epochs_wall + reused_fixed:.2f} s, "
+        f"plain/dtlray {plain_wall / (epochs_wall + reused_fixed):.3f}"
     )
     print(f"END-TO-END RATIO plain/dtlray = {plain_wall / trial.wall:.3f}  (goal >= 0.85)")
     print(f"PER-EPOCH OVERHEAD = {share * 100:.1f}%  (goal <= 5%)")
@@ -536,6 +564,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtlray = run_dtlray(cfg, os.path.join(tmp, "storage"))
             print("the same trial as a one-trial dtlray search ...", flush=True)
             search_trial = run_search_trial(cfg, os.path.join(tmp, "search"))
+            print(
+                f"the same trial {REUSED_TRIALS + 1} times in one search, one at a time ...",
+                flush=True,
+            )
+            repeated = run_search_trial(cfg, os.path.join(tmp, "search"), REUSED_TRIALS + 1)
         finally:
             ray.shutdown()
 
@@ -544,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print_report(cfg, before, after, plain_setup, dtlray)
         print(f"load average at the end: {os.getloadavg()[0]:.2f} (other work on this machine)")
-        print_search_trial(cfg, before, plain_setup, search_trial)
+        print_search_trial(cfg, before, plain_setup, search_trial, repeated)
     return 0
 
 

@@ -42,6 +42,7 @@ from dtlray.searcher import build_searcher
 from dtlray.stage1_cache import has_stage1, stage1_dir
 from dtlray.stage1_claims import start_claims
 from dtlray.stage1_order import Stage1OrderedSearch
+from dtlray.trial import runs_in_trial
 from dtlray.trial_data import ensure_dataset
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,32 @@ def derive_max_concurrent_trials(space: SearchSpace) -> int:
             fit,
         )
     return min(wanted, fit)
+
+
+# Searched keys that can turn a one-worker trial into a TorchTrainer one (more workers, or a
+# train split large enough to stream): see trial.runs_in_trial.
+_WORKER_GROUP_KEYS = (
+    "data.",
+    "resources.",
+    "stage2.init",
+    "stage2.samples_per_class",
+    "stage2.train_fraction",
+)
+
+
+def reuse_trial_actors(space: SearchSpace) -> bool:
+    """Whether Tune keeps a finished trial's process for the next trial (``reuse_actors``).
+
+    A fresh trial process pays ~3 s here before the trial starts (the process, then importing
+    Ray Tune, torch and torchvision); a reused one pays none of it. Only trials that run the
+    worker loop in their own process (:func:`~dtlray.trial.runs_in_trial`) can be reused: Tune
+    stops a trial at one of its reports, where such a loop is waiting and ends at once, while a
+    ``TorchTrainer`` trial is still inside ``fit()``. Tune then fails to reset the process in
+    time and fails the next trial. So reuse only when no trial of the space can take that path.
+    """
+    if any(key.startswith(_WORKER_GROUP_KEYS) for key in space.search):
+        return False
+    return runs_in_trial(space.trial_config())
 
 
 def resolve_space(
@@ -229,10 +256,7 @@ def build_tuner(
             num_samples=space.num_samples,
             # Without this Tune runs a non-default searcher one trial at a time.
             max_concurrent_trials=derive_max_concurrent_trials(space),
-            # No actor reuse: a stopped trial is still busy (in trainer.fit(), or mid-epoch in its
-            # own loop) when Tune would reset its actor, and a failed reset fails the next
-            # trial; killing the old actor is what ends its work at once.
-            reuse_actors=False,
+            reuse_actors=reuse_trial_actors(space),
         ),
         run_config=_run_config(space, experiment, verbose),
     )

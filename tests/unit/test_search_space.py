@@ -125,3 +125,32 @@ def test_grace_period_defaults_to_a_third_of_the_epochs() -> None:
     assert parse_space(raw).grace_period == 3
     raw["search"] = {"stage2.epochs": {"type": "int", "low": 3, "high": 12}}
     assert parse_space(raw).max_epochs == 12
+
+
+@pytest.mark.parametrize(
+    ("change", "reused"),
+    [
+        ({}, True),
+        ({"trial.resources.num_workers": 2}, False),  # DDP trials run a TorchTrainer
+        ({"trial.data.in_memory_max_mb": 0}, False),  # a streamed split needs Ray Data tasks
+        ({"search.resources.num_workers": {"choices": [1, 2]}}, False),
+        ({"search.data.image_size": {"choices": [32, 64]}}, False),
+        ({"search.stage2.samples_per_class": {"type": "int", "low": 5, "high": 50}}, False),
+        ({"search.stage2.epochs": {"type": "int", "low": 2, "high": 4}}, True),
+    ],
+)
+def test_trial_processes_are_reused_only_where_no_trial_needs_a_worker_group(
+    data_root: Path, change: dict, reused: bool
+) -> None:
+    from dtlray.search import reuse_trial_actors
+
+    raw = yaml.safe_load(Path("search_spaces/tiny.yaml").read_text())
+    raw["trial"]["data"]["root"] = str(data_root)
+    for dotted, value in change.items():
+        section, key = dotted.split(".", 1)
+        if section == "search":
+            raw["search"][key] = value
+        else:
+            group, name = key.split(".")
+            raw["trial"][group][name] = value
+    assert reuse_trial_actors(parse_space(raw)) is reused
