@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from dtlray.experiment import ExperimentDir
 from dtlray.search_space import SearchSpace, parse_space
-from dtlray.stage1_claims import stage1_claim
+from dtlray.stage1_claims import CpuLoan, stage1_claim
 from dtlray.train_loop import run_worker
 from dtlray.trial import (
     build_trainer,
@@ -92,14 +92,25 @@ def run_trial_fn(
     # Without reuse (for measuring what reuse saves) each trial keeps its stage 1 to itself.
     stage1_root = storage_path if reuse_stage1 else f"{experiment_path}/no-reuse/{trial_id}"
     location = stage1_location(cfg, stage1_root)
+    in_trial = runs_in_trial(cfg)
+    # While it waits for another trial's stage 1, an in-trial trial's CPUs are idle: it lends
+    # them to the one computing it, and trains its own stage 1 on what others lend it.
+    loan = CpuLoan() if in_trial else None
     claim = (
-        stage1_claim(storage_path, location[0], location[1], holder=trial_id)
+        stage1_claim(
+            storage_path,
+            location[0],
+            location[1],
+            holder=trial_id,
+            cpus=cfg.resources.cpus_per_worker if in_trial else 0.0,
+            loan=loan,
+        )
         if location is not None and reuse_stage1
         else contextlib.nullcontext(None)
     )
     rungs = rung_epochs(space)  # a stopped trial's last report must have its checkpoint
     with claim as stage1_mode:
-        if runs_in_trial(cfg):
+        if in_trial:
             trial = plan_trial(
                 cfg,
                 storage_path=stage1_root,
@@ -110,7 +121,8 @@ def run_trial_fn(
             )
             # The trial holds the worker's resources (see trial_resources): a GPU if asked.
             device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-            run_worker(trial.worker_config, TrialSession(trial.datasets), device=device)
+            session = TrialSession(trial.datasets)
+            run_worker(trial.worker_config, session, device=device, loan=loan)
             return
         trainer, _ = build_trainer(
             cfg,

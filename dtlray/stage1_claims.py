@@ -6,6 +6,12 @@ stores the result); the others wait until the result appears, then load it. A cl
 holder renews while it runs, so a holder that dies without releasing (a crashed driver) hands the
 work to a waiting trial after ``lease_s`` instead of blocking it forever. Completed results live in
 storage (see :mod:`dtlray.stage1_cache`), so reuse survives restarts even though claims do not.
+
+A waiting trial does nothing with the CPUs it holds, so it lends them to the holder while it
+waits: the holder's :class:`CpuLoan` says how many CPUs trials on its node are lending it, and a
+holder that trains stage 1 in its own process trains on that many more threads (see
+:func:`dtlray.worker.follow_loan`). At the end of a search, where the last trials all wait for
+the last stage 1, that stage 1 is trained on every CPU they hold instead of on one slot's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import ray
@@ -27,7 +34,17 @@ log = logging.getLogger(__name__)
 NAMESPACE = "dtlray"
 LEASE_S = 120.0
 POLL_S = 2.0
+# A waiter's loan lapses this long after its last poll (it died, or stopped waiting unseen).
+LOAN_TTL_S = 3 * POLL_S
 _DRIVER_HANDLES: dict[str, ray.actor.ActorHandle] = {}
+
+
+@dataclass
+class CpuLoan:
+    """The CPUs that trials waiting for this trial's stage 1 lend it now, on its node (updated
+    every :data:`POLL_S` by :func:`stage1_claim` while it holds the claim)."""
+
+    cpus: float = 0.0
 
 
 @ray.remote(num_cpus=0)
@@ -36,6 +53,8 @@ class Stage1Claims:
 
     def __init__(self) -> None:
         self._holders: dict[str, tuple[str, float]] = {}  # key -> (holder, lease expiry)
+        # key -> waiter -> (node id, CPUs it holds, loan expiry)
+        self._waiting: dict[str, dict[str, tuple[str, float, float]]] = {}
 
     def claim(self, key: str, holder: str, lease_s: float) -> bool:
         now = time.monotonic()
@@ -53,6 +72,23 @@ class Stage1Claims:
     def release(self, key: str, holder: str) -> None:
         if self._holders.get(key, ("", 0.0))[0] == holder:
             del self._holders[key]
+
+    def wait(self, key: str, waiter: str, node: str, cpus: float) -> None:
+        """``waiter`` (on ``node``, holding ``cpus``) is still waiting for ``key``."""
+        self._waiting.setdefault(key, {})[waiter] = (node, cpus, time.monotonic() + LOAN_TTL_S)
+
+    def stop_waiting(self, key: str, waiter: str) -> None:
+        self._waiting.get(key, {}).pop(waiter, None)
+
+    def lent(self, key: str, holder: str, node: str) -> float:
+        """The CPUs that live waiters on ``node`` lend ``holder`` of ``key`` (0 if it is not
+        the holder)."""
+        if self._holders.get(key, ("", 0.0))[0] != holder:
+            return 0.0
+        now = time.monotonic()
+        live = {w: v for w, v in self._waiting.get(key, {}).items() if v[2] > now}
+        self._waiting[key] = live
+        return sum(cpus for where, cpus, _ in live.values() if where == node)
 
 
 def _actor_name(storage_path: str) -> str:
@@ -82,9 +118,15 @@ def _find_claims(storage_path: str) -> ray.actor.ActorHandle | None:
 
 
 def _wait_for_claim(
-    claims: ray.actor.ActorHandle, key: str, result_dir: str, holder: str, lease_s: float
+    claims: ray.actor.ActorHandle,
+    key: str,
+    result_dir: str,
+    holder: str,
+    lease_s: float,
+    cpus: float,
 ) -> Literal["claimed", "load", "compute"]:
     announced = False
+    node = ray.get_runtime_context().get_node_id()
     try:
         while not ray.get(claims.claim.remote(key, holder, lease_s), timeout=60):
             if has_stage1(result_dir):
@@ -92,16 +134,28 @@ def _wait_for_claim(
             if not announced:
                 log.info("stage 1 %s is being computed by another trial; waiting for it", key)
                 announced = True
+            if cpus > 0:
+                claims.wait.remote(key, holder, node, cpus)
             time.sleep(POLL_S)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
         log.warning("stage-1 claims unavailable (%s); computing stage 1 here", err)
         return "compute"
+    finally:
+        if announced and cpus > 0:
+            claims.stop_waiting.remote(key, holder)
     return "claimed"
 
 
 @contextmanager
 def stage1_claim(
-    storage_path: str, key: str, result_dir: str, holder: str, lease_s: float = LEASE_S
+    storage_path: str,
+    key: str,
+    result_dir: str,
+    holder: str,
+    lease_s: float = LEASE_S,
+    *,
+    cpus: float = 0.0,
+    loan: CpuLoan | None = None,
 ) -> Iterator[Literal["load", "compute"]]:
     """Decide whether this trial loads or computes stage 1, and hold the claim while it runs.
 
@@ -109,6 +163,10 @@ def stage1_claim(
     with the claim held (renewed in the background) until the ``with`` block ends. Without a
     claims actor (no search driver started one, or it died) the trial computes stage 1 itself:
     correct, only not deduplicated.
+
+    Args:
+        cpus: the CPUs this trial holds and leaves idle while it waits (lent to the holder).
+        loan: kept up to date, while this trial holds the claim, with what waiters lend it.
     """
     if has_stage1(result_dir):
         yield "load"
@@ -118,7 +176,7 @@ def stage1_claim(
         log.warning("no stage-1 claims actor for %s; computing stage 1 here", storage_path)
         yield "compute"
         return
-    outcome = _wait_for_claim(claims, key, result_dir, holder, lease_s)
+    outcome = _wait_for_claim(claims, key, result_dir, holder, lease_s, cpus)
     if outcome != "claimed":
         # Yield outside any try: the with-body's own exceptions must propagate untouched.
         yield outcome
@@ -129,10 +187,19 @@ def stage1_claim(
         return
 
     stop = threading.Event()
+    node = ray.get_runtime_context().get_node_id()
 
     def renew() -> None:
-        while not stop.wait(lease_s / 4):
-            claims.renew.remote(key, holder, lease_s)
+        renewed = time.monotonic()
+        while not stop.wait(POLL_S if loan is not None else lease_s / 4):
+            if time.monotonic() - renewed >= lease_s / 4:
+                claims.renew.remote(key, holder, lease_s)
+                renewed = time.monotonic()
+            if loan is not None:
+                try:
+                    loan.cpus = ray.get(claims.lent.remote(key, holder, node), timeout=30)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    loan.cpus = 0.0
 
     renewer = threading.Thread(target=renew, name=f"stage1-lease-{key}", daemon=True)
     renewer.start()
@@ -141,4 +208,6 @@ def stage1_claim(
     finally:
         stop.set()
         renewer.join()
+        if loan is not None:
+            loan.cpus = 0.0
         claims.release.remote(key, holder)

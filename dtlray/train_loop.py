@@ -22,7 +22,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ from dtlray.stage1_cache import (
     save_constant_phase,
     save_stage1,
 )
+from dtlray.stage1_claims import CpuLoan
 from dtlray.stages import (
     StageSpec,
     TaskSpec,
@@ -71,6 +72,7 @@ from dtlray.worker import (
     WorkerPlan,
     WorkerSession,
     agree_on_sizes,
+    follow_loan,
     model_input,
     read_shard,
     resolve_precision,
@@ -107,6 +109,7 @@ def run_worker(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
+    loan: CpuLoan | None = None,
 ) -> None:
     """The worker loop: stage 1 (computed or loaded), then finetune, reporting every epoch.
 
@@ -115,10 +118,14 @@ def run_worker(
         session: what runs this loop (a Train worker, or a one-worker Tune trial itself).
         rank: this worker's rank; world_size: how many workers train together (DDP).
         device: where to train (default: the CPU).
+        loan: CPUs that trials waiting for this stage 1 lend it (stage 1 follows it).
     """
     cfg = TrialConfig.from_dict(worker_config["trial"])
     plan = WorkerPlan.from_dict(worker_config["plan"])
     device = device or torch.device("cpu")
+    # Threads = the CPUs Ray gave this worker: oversubscribing 2 cores with 2 workers x N threads
+    # costs far more than it gains, and a fixed count keeps one-worker runs reproducible.
+    threads = max(1, int(cfg.resources.cpus_per_worker))
     env = WorkerEnv(
         rank=rank,
         world_size=world_size,
@@ -127,11 +134,10 @@ def run_worker(
         image_size=cfg.data.image_size,
         channels=cfg.data.channels,
         session=session,
+        threads=threads,
         **resolve_precision(cfg.resources.precision, device),
     )
-    # Threads = the CPUs Ray gave this worker: oversubscribing 2 cores with 2 workers x N threads
-    # costs far more than it gains, and a fixed count keeps one-worker runs reproducible.
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    torch.set_num_threads(threads)
     finetune = finetune_stage(cfg, plan.datasets)
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -172,7 +178,8 @@ def run_worker(
 
     try:
         if resume is None:
-            stage1 = _run_or_load_stage1(cfg, plan, model, env)
+            stage1 = _run_or_load_stage1(cfg, plan, model, replace(env, loan=loan))
+            torch.set_num_threads(env.threads)  # what it borrowed goes back with stage 1
             # Fresh target heads, seeded so every rank starts from the same ones.
             torch.manual_seed(cfg.seed + 1)
             model.reset_heads(finetune.heads)
@@ -551,6 +558,7 @@ def train_one_epoch(
     no_step = torch.iinfo(torch.int64).max
     first_bad = torch.full((), no_step, dtype=torch.int64, device=env.device)
     for step, batches in enumerate(step_batches(spec, data, epoch, env)):
+        follow_loan(env)
         # Tasks are stored at their own sizes; each is resized to the model input, then joined.
         x = torch.cat([model_input(b[1], env, spec.optim.augment) for b in batches])
         with _autocast(env):

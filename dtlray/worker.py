@@ -11,6 +11,7 @@ asks).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from dtlray.data import decode_uint8, to_model_input
 from dtlray.errors import DtlrayError
 from dtlray.metrics import STAGE1_MODE, STAGE1_REUSED_EPOCHS
+from dtlray.stage1_claims import CpuLoan
 from dtlray.stages import DatasetMeta, StageSpec, TaskSpec
 
 _DECODE_BATCH_ROWS = 4096
@@ -225,6 +227,18 @@ class WorkerEnv:
     channels_last: bool = False  # NHWC tensors (the fast layout for convolutions on GPUs)
     log: Callable[[str], None] = field(default=_say)
     session: WorkerSession | None = None  # None: evaluation outside any trial
+    threads: int = 1  # torch threads of its own (the CPUs Ray gave it)
+    loan: CpuLoan | None = None  # CPUs lent by trials waiting for this one's stage 1
+
+
+def follow_loan(env: WorkerEnv) -> None:
+    """Train on this worker's own threads plus one per CPU lent to it right now (a no-op
+    without a loan). Called before every step: torch's thread count is per calling thread."""
+    if env.loan is None:
+        return
+    want = max(1, min(os.cpu_count() or 1, env.threads + round(env.loan.cpus)))
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
 
 
 @dataclass
