@@ -367,20 +367,36 @@ def run_dtlray(cfg: TrialConfig, storage: str) -> DtlrayRun:
 
 
 @dataclass
-class SearchTrialRun:
-    """A one-trial ``dtlray tune`` search of the same trial: what a search trial costs."""
+class SearchTrial:
+    """One trial of a search, from its reports."""
 
     epochs: list[EpochStats]
     between_reports: list[float]  # seconds from one report to the next (Tune's time_this_iter_s)
+    total: float  # Tune's time_total_s of the last report: trial start to last report
+
+    def setup(self) -> float:
+        """Its start to its first report, less epoch 1's train pass and a typical epoch's part
+        outside the train pass: the trial function's own set-up."""
+        return self.between_reports[0] - self.epochs[0].seconds - statistics.median(self.outside())
+
+    def outside(self) -> list[float]:
+        """Epochs 2..N: report to report, less the train pass."""
+        return [
+            b - e.seconds for b, e in zip(self.between_reports[1:], self.epochs[1:], strict=True)
+        ]
+
+
+@dataclass
+class SearchTrialRun:
+    """A ``dtlray tune`` search of copies of the same trial, one at a time."""
+
+    trials: list[SearchTrial]  # in the order they ran
     wall: float  # tuner.fit() call to its result
-    trial_total: float  # Tune's time_total_s of the last report: trial start to last report
 
 
 def run_search_trial(cfg: TrialConfig, storage: str, trials: int = 1) -> SearchTrialRun:
     """The same trial as a search (FIFO) of ``trials`` copies, one at a time: Tune runs it,
-    in-process for one worker; from the second on, in the first one's process (reused).
-
-    Returns the first trial's epochs and the whole search's wall."""
+    in-process for one worker; from the second on, in the first one's process (reused)."""
     space = parse_space(
         {
             "trial": cfg.to_dict(),
@@ -401,20 +417,22 @@ def run_search_trial(cfg: TrialConfig, storage: str, trials: int = 1) -> SearchT
         raise RuntimeError(f"a search trial failed: {errors[0]}")
     if len({r.metrics["pid"] for r in results}) != 1:
         raise RuntimeError("the search's trials did not run in one reused process")
-    result = min(results, key=lambda r: r.metrics["timestamp"])
-    rows = result.metrics_dataframe.to_dict("records")
-    if len(rows) != cfg.stage2.epochs:
-        raise RuntimeError(f"expected {cfg.stage2.epochs} reports, got {len(rows)}")
-    epochs = [
-        EpochStats(
-            samples=round(r["train/samples_per_s"] * r["train/epoch_seconds"]),
-            seconds=r["train/epoch_seconds"],
-            loss=r["train/loss"],
-        )
-        for r in rows
-    ]
-    between = [r["time_this_iter_s"] for r in rows]
-    return SearchTrialRun(epochs, between, wall, rows[-1]["time_total_s"])
+    out = []
+    for result in sorted(results, key=lambda r: r.metrics["timestamp"]):
+        rows = result.metrics_dataframe.to_dict("records")
+        if len(rows) != cfg.stage2.epochs:
+            raise RuntimeError(f"expected {cfg.stage2.epochs} reports, got {len(rows)}")
+        epochs = [
+            EpochStats(
+                samples=round(r["train/samples_per_s"] * r["train/epoch_seconds"]),
+                seconds=r["train/epoch_seconds"],
+                loss=r["train/loss"],
+            )
+            for r in rows
+        ]
+        between = [r["time_this_iter_s"] for r in rows]
+        out.append(SearchTrial(epochs, between, rows[-1]["time_total_s"]))
+    return SearchTrialRun(out, wall)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -481,51 +499,48 @@ def print_search_trial(
     cfg: TrialConfig,
     before: list[EpochStats],
     plain_setup: float,
-    trial: SearchTrialRun,
+    single: SearchTrialRun,
     repeated: SearchTrialRun,
 ) -> None:
     """What a one-worker search trial costs from the user's side, and the headline lines."""
-    # Epoch 2.. : from one report to the next is the train pass plus everything else.
-    outside = [
-        trial.between_reports[i] - trial.epochs[i].seconds for i in range(1, len(trial.epochs))
-    ]
+    (trial,) = single.trials
+    outside = trial.outside()
     train = [e.seconds for e in trial.epochs[1:]]
     share = statistics.median(o / t for o, t in zip(outside, train, strict=True))
     # Fixed: the wall less epochs 2..N (report to report) and epoch 1 (its train pass plus a
-    # typical epoch's part outside it).
-    typical = statistics.median(outside)
-    fixed = trial.wall - sum(trial.between_reports[1:]) - trial.epochs[0].seconds - typical
-    # Inside the trial: its start to the first report, less epoch 1's train pass and a typical
-    # epoch's rest. Around it: Tune before the trial starts and after its last report.
-    setup = trial.between_reports[0] - trial.epochs[0].seconds - typical
-    around = trial.wall - trial.trial_total
+    # typical epoch's part outside it) = the trial function's set-up + Tune around the trial
+    # (before it starts: the trial process with its imports; after its last report).
+    around = single.wall - trial.total
+    fixed = trial.setup() + around
     plain_wall = plain_setup + sum(e.seconds for e in before)
     print("\none-worker search trial (dtlray tune, 1 trial, FIFO): call to result")
     print(
-        f"  tuner.fit() wall {trial.wall:.2f} s for {len(trial.epochs)} epochs; plain loop "
+        f"  tuner.fit() wall {single.wall:.2f} s for {len(trial.epochs)} epochs; plain loop "
         f"wall (set-up + the same epochs) {plain_wall:.2f} s"
     )
     print(
         f"  fixed cost (wall minus the epochs) {fixed:.2f} s = the trial function's set-up (data, "
-        f"model, stage-1 plan) {setup:.2f} s + Tune around it (trial actor start with its "
+        f"model, stage-1 plan) {trial.setup():.2f} s + Tune around it (trial actor start with its "
         f"imports, shut-down) {around:.2f} s"
     )
     print(
-        f"  per epoch outside the train pass "
-        f"median {statistics.median(outside):.2f} s "
+        f"  per epoch outside the train pass median {statistics.median(outside):.2f} s "
         f"[{', '.join(f'{o:.2f}' for o in outside)}]"
     )
-    # A later trial in the same search: the repeated search's wall over the single trial's is
-    # REUSED_TRIALS trials more, each its epochs (as the first's) plus its own fixed cost.
-    epochs_wall = trial.wall - fixed
-    reused_fixed = (repeated.wall - trial.wall) / REUSED_TRIALS - epochs_wall
+    # Later trials of a search, in the first one's process: Tune around them is what the
+    # repeated search's wall holds beyond its trials' own time and the first trial's `around`
+    # (a fresh process, as in the single search).
+    later = repeated.trials[1:]
+    around_later = (repeated.wall - sum(t.total for t in repeated.trials) - around) / len(later)
+    later_fixed = around_later + statistics.mean(t.setup() for t in later)
+    later_wall = single.wall - fixed + later_fixed
     print(
-        f"  a later trial of a search, in a reused trial process: fixed cost {reused_fixed:.2f} s"
-        f" (from a search of {REUSED_TRIALS + 1} copies one at a time: wall "
-        f"{repeated.wall:.2f} s); call to result {epochs_wall + reused_fixed:.2f} s, "
-        f"plain/dtlray {plain_wall / (epochs_wall + reused_fixed):.3f}"
+        f"  a later trial of a search (a search of {len(repeated.trials)} copies one at a time, "
+        f"wall {repeated.wall:.2f} s; the later ones in the first one's process): fixed cost "
+        f"{later_fixed:.2f} s (Tune around it {around_later:.2f} s); plain/dtlray "
+        f"{plain_wall / later_wall:.3f}"
     )
-    print(f"END-TO-END RATIO plain/dtlray = {plain_wall / trial.wall:.3f}  (goal >= 0.85)")
+    print(f"END-TO-END RATIO plain/dtlray = {plain_wall / single.wall:.3f}  (goal >= 0.85)")
     print(f"PER-EPOCH OVERHEAD = {share * 100:.1f}%  (goal <= 5%)")
 
 
