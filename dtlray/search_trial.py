@@ -121,8 +121,7 @@ def run_trial_fn(
             )
             # The trial holds the worker's resources (see trial_resources): a GPU if asked.
             device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-            session = TrialSession(trial.datasets)
-            run_worker(trial.worker_config, session, device=device, loan=loan)
+            run_worker(trial.worker_config, TrialSession(trial.datasets), device=device, loan=loan)
             return
         trainer, _ = build_trainer(
             cfg,

@@ -72,6 +72,7 @@ class Stage1Claims:
     def release(self, key: str, holder: str) -> None:
         if self._holders.get(key, ("", 0.0))[0] == holder:
             del self._holders[key]
+            self._waiting.pop(key, None)  # only a holder asks; one still waiting says so again
 
     def wait(self, key: str, waiter: str, node: str, cpus: float) -> None:
         """``waiter`` (on ``node``, holding ``cpus``) is still waiting for ``key``."""
