@@ -129,7 +129,9 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(
     space_file = tmp_path / "space.yaml"
     raw = yaml.safe_load(TINY.read_text())
     raw["trial"]["data"]["root"] = str(data_root)
-    raw["num_samples"] = 3
+    # Enough trials that Ctrl-C after the first one lands mid-search: later trials reuse the
+    # trial process and take a few seconds each.
+    raw["num_samples"] = 6
     raw["max_concurrent_trials"] = 1
     raw["scheduler"] = {"type": "fifo"}
     epochs = raw["trial"]["stage2"]["epochs"] + 1  # set on the command line, not in the file
@@ -170,7 +172,7 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(
     assert resumed.returncode == 0, out[-3000:]
     assert "best trial" in out
     after = _trial_results(experiment)
-    assert len(after) == 3
+    assert len(after) == raw["num_samples"]
     for trial_id, lines in completed.items():
         assert after[trial_id] == lines, f"completed trial {trial_id} was run again"
     assert all(len(lines) == epochs for lines in after.values())  # resumed with the --set
