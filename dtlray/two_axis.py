@@ -6,7 +6,11 @@ Here the searcher samples new configurations at the smallest stage-1 budget with
 finetune (ASHA's first rung), and promotes the best ``1 / reduction_factor`` of each budget's
 results to the next budget -- asynchronously, as ASHA promotes: whenever a trial can start, the
 highest budget with a configuration in its top fraction that was not promoted yet gets it, else
-a new configuration starts at the smallest budget. A promoted configuration's stage 1 continues
+a new configuration starts at the smallest budget. The trial budget (``num_samples``) is shared
+with the promotions the running trials can still earn: a new configuration starts only while
+it leaves room for them, else the slot waits for those results (without that, a search that
+asks ahead -- :mod:`dtlray.stage1_order` does -- spent every trial on new configurations before
+the first result came in, and promoted none). A promoted configuration's stage 1 continues
 the constant phase its shorter run stored (``stage1.schedule: wsd``, the stage tree), so it
 trains only the extra epochs. The decision uses what matters: the target validation accuracy of
 a finetune, never the source accuracy. Only configurations at the largest budget finetune for
@@ -67,6 +71,8 @@ class TwoAxisSearch(SearcherWrapper):
         # trial id -> (configuration, budget index); the inner searcher proposed (and learns
         # from) the ones at index 0.
         self._trials: dict[str, tuple[str, int]] = {}
+        self._ended: set[str] = set()  # trials that completed (or failed)
+        self._lost = [0] * len(budgets)  # per budget: trials that failed or diverged
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # noqa: D102
         if self._started >= self._num_samples:
@@ -76,6 +82,8 @@ class TwoAxisSearch(SearcherWrapper):
             if promote is not None:
                 self._promoted[level].add(promote)
                 return self._start(trial_id, promote, level + 1)
+        if self._owed(new=1) > self._num_samples - self._started - 1 and self._can_earn():
+            return None  # the rest is owed to promotions the running trials may earn: wait
         config = self.searcher.suggest(trial_id)
         if config is None or config == Searcher.FINISHED:
             return config
@@ -93,14 +101,23 @@ class TwoAxisSearch(SearcherWrapper):
     ) -> None:
         if self._is_new(trial_id):
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
-        if trial_id not in self._trials or error or not result:
+        if trial_id not in self._trials:
             return
-        value = result.get(self.metric)
-        if value is None or not math.isfinite(float(value)):
-            return  # diverged: never promoted
+        self._ended.add(trial_id)
         config, level = self._trials[trial_id]
+        value = None if error or not result else result.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            self._lost[level] += 1  # failed or diverged: never promoted
+            return
         sign = 1.0 if self.mode == "max" else -1.0
         self._rungs[level][config] = sign * float(value)
+
+    def set_state(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().set_state(state)
+        # A search saved before the trial budget was shared with the promotions owed.
+        if "_ended" not in state:
+            self._ended = set()
+            self._lost = [0] * len(self._budgets)
 
     # -- the rungs -----------------------------------------------------------------------------
 
@@ -113,6 +130,29 @@ class TwoAxisSearch(SearcherWrapper):
             if config not in self._promoted[level]:
                 return config
         return None
+
+    def _owed(self, new: int = 0) -> int:
+        """Promotions still to come if every live trial (and ``new`` more at the smallest
+        budget) gets a result: per budget, its top fraction not promoted yet, counting the
+        promotions owed into it from below."""
+        started = [0] * len(self._budgets)
+        for _, level in self._trials.values():
+            started[level] += 1
+        started[0] += new
+        owed = carry = 0
+        for level in range(len(self._budgets) - 1):
+            live = started[level] - self._lost[level] + carry
+            carry = max(0, math.floor(live / self._eta) - len(self._promoted[level]))
+            owed += carry
+        return owed
+
+    def _can_earn(self) -> bool:
+        """A running trial below the largest budget may still earn a promotion."""
+        top = len(self._budgets) - 1
+        return any(
+            level < top and trial_id not in self._ended
+            for trial_id, (_, level) in self._trials.items()
+        )
 
     def _start(self, trial_id: str, config: str, level: int) -> dict[str, Any]:
         self._started += 1

@@ -69,7 +69,9 @@ def test_the_search_stops_at_num_samples() -> None:
     raw["num_samples"] = 3
     search = build_searcher(parse_space(raw), study_name="two-axis-n")
     for i in range(3):
-        assert search.suggest(f"t{i}") is not None
+        config = search.suggest(f"t{i}")
+        assert config is not None
+        complete(search, f"t{i}", config, 0.5 + i / 10)
     assert search.suggest("t3") == search.FINISHED
 
 
@@ -93,6 +95,43 @@ def test_two_axis_space_rules(change: dict[str, Any], message: str) -> None:
         raw["search"].update(change["search"])
     with pytest.raises(DtlrayError, match=message):
         parse_space(raw)
+
+
+def test_asking_ahead_leaves_the_trial_budget_its_promotions() -> None:
+    # dtlray.stage1_order asks ahead while the first results are still out; the trial budget
+    # (5) must still hold the promotion that the first results earn.
+    raw = two_axis_raw(stage1_budgets=[2, 3])
+    raw["num_samples"] = 5
+    search = build_searcher(parse_space(raw), study_name="two-axis-ahead")
+    started = {f"t{i}": search.suggest(f"t{i}") for i in range(3)}
+    assert all(c["stage1.epochs"] == 2 for c in started.values())
+    assert search.suggest("t3") is None  # the rest is owed: wait for results
+    complete(search, "t0", started["t0"], 0.4)
+    complete(search, "t1", started["t1"], 0.8)
+    promoted = search.suggest("p0")
+    assert promoted["stage1.epochs"] == 3
+    assert promoted["stage2.lr"] == started["t1"]["stage2.lr"]  # the better one goes on
+    complete(search, "t2", started["t2"], 0.1)  # the promoted trial cannot earn any more
+    last = search.suggest("t4")
+    assert last["stage1.epochs"] == 2  # so the last trial goes to a new configuration
+    assert search.suggest("t5") == search.FINISHED
+
+
+def test_a_failed_or_diverged_trial_frees_the_share_it_would_have_earned() -> None:
+    raw = two_axis_raw(stage1_budgets=[2, 3])
+    raw["num_samples"] = 6
+    search = build_searcher(parse_space(raw), study_name="two-axis-failed")
+    started = {f"t{i}": search.suggest(f"t{i}") for i in range(4)}
+    assert search.suggest("t4") is None  # 2 left, both owed if all 4 get results
+    search.on_trial_complete("t0", error=True)
+    complete(search, "t1", started["t1"], float("nan"))
+    assert search.suggest("t4")["stage1.epochs"] == 2  # now 1 is owed: room for a new one
+    complete(search, "t2", started["t2"], 0.5)
+    complete(search, "t3", started["t3"], 0.7)
+    promoted = search.suggest("p0")
+    assert promoted["stage1.epochs"] == 3
+    assert promoted["stage2.lr"] == started["t3"]["stage2.lr"]
+    assert search.suggest("t5") == search.FINISHED
 
 
 def test_tune_saves_and_restores_its_rungs(tmp_path: Path) -> None:
