@@ -55,11 +55,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         space = load_space(path)
         check_searchable(space, path)
         trial = space.trial
+        logme = space.scheduler.logme_quantile
+        rung = "" if logme is None else f", behind a LogME rung at the {logme:g} quantile"
         print(
             f"{path}: ok — {space.num_samples} trials, {len(space.search)} searched "
             f"({', '.join(space.search)}), {space.searcher.type} searcher, "
             f"{space.scheduler.type} scheduler (max {space.max_epochs} finetune epochs, first "
-            f"rung {space.grace_period}), objective {space.objective.metric} "
+            f"rung {space.grace_period}{rung}), objective {space.objective.metric} "
             f"({space.objective.mode}); {trial.data.source} -> {', '.join(trial.data.targets)}"
         )
     return 0

@@ -29,6 +29,7 @@ from dtlray.config import TrialConfig
 from dtlray.data import BUILTIN_DATASETS
 from dtlray.errors import DtlrayError
 from dtlray.experiment import ExperimentDir, default_name
+from dtlray.logme_rung import LogMERung
 from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE, STAGE1_REUSED_EPOCHS
 from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
@@ -49,7 +50,31 @@ log = logging.getLogger(__name__)
 
 
 def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
-    """ASHA over finetune epochs (a first rung that lets slow starters live), or FIFO."""
+    """ASHA over finetune epochs (a first rung that lets slow starters live), or FIFO; behind
+    the LogME rung when the space sets ``scheduler.logme_quantile``."""
+    scheduler = _finetune_scheduler(space)
+    if space.scheduler.logme_quantile is None:
+        return scheduler
+    return LogMERung(
+        scheduler,
+        quantile=space.scheduler.logme_quantile,
+        min_configs=space.scheduler.logme_min_configs,
+        stage1_id=Stage1Identity(space),
+    )
+
+
+class Stage1Identity:
+    """Which stage 1 a trial config uses, within one search (picklable): its stage-1 key
+    without the source fingerprint, which is the same for every trial of the search."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self._space = space
+
+    def __call__(self, config: Mapping[str, Any]) -> str:
+        return self._space.sampled_trial_config(config).stage1_key("")
+
+
+def _finetune_scheduler(space: SearchSpace) -> TrialScheduler:
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
     if space.scheduler.type == "two_axis":  # its stage-1 axis is in its searcher

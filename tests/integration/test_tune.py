@@ -10,7 +10,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -223,3 +225,47 @@ def test_two_axis_search_promotes_the_best_and_writes_best_json(
     best = json.loads((Path(results.experiment_path) / "best.json").read_text())
     assert best["config"]["stage1"]["epochs"] == best["searched"]["stage1.epochs"]
     assert summary["stage1"]["continued"] >= 1
+
+
+def test_logme_rung_stops_trials_whose_stage1_ranks_low(
+    ray_cluster: None, data_root: Path, tmp_path: Path
+) -> None:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["trial"]["data"]["root"] = str(data_root)
+    raw["search"] = {
+        "model.fusion_depth": {"type": "int", "low": 0, "high": 2},
+        "stage2.lr": {"type": "float", "low": 0.003, "high": 0.1, "log": True},
+    }
+    # Once 2 stage-1 configurations are scored, only the best-scored one finetunes on.
+    raw["scheduler"] = {"type": "fifo", "logme_quantile": 0.99, "logme_min_configs": 2}
+    raw["num_samples"] = 6
+    raw["max_concurrent_trials"] = 1  # one at a time: the order of first results is known
+    path = tmp_path / "logme.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    check = subprocess.run(
+        [sys.executable, "-m", "dtlray", "check", str(path)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    assert "LogME rung at the 0.99 quantile" in check.stdout
+    space = parse_space(raw)
+    results = dtlray.build_tuner(space, storage_path=str(tmp_path), name="logme").fit()
+    assert results.num_errors == 0, [r.error for r in results]
+
+    # Replay the rule on what the trials reported, in the order they ran: Tune numbers its
+    # trial directories in creation order (<trainable>_<id>_<number>_...), one at a time here.
+    def number(r: Any) -> int:
+        return int(Path(r.path).name.split("_")[4])
+
+    scores: dict[int, float] = {}
+    expected = set()
+    for r in sorted(results, key=number):
+        first = read_jsonl(Path(r.path) / "result.json")[0]
+        score = sum(first[f"target/{t}/logme"] for t in ("digits", "faces")) / 2
+        scores[r.config["model.fusion_depth"]] = score
+        if len(scores) >= 2 and score < np.quantile(list(scores.values()), 0.99):
+            expected.add(r.metrics["trial_id"])
+    stopped = {r.metrics["trial_id"] for r in results if r.metrics["training_iteration"] == 1}
+    # FIFO stops nothing, and every trial that was not stopped ran its 2 epochs.
+    assert stopped == expected and expected, scores
+    assert all(r.metrics["training_iteration"] == 2 for r in results if r.metrics["trial_id"]
+               not in stopped)  # fmt: skip

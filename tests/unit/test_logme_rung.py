@@ -1,0 +1,106 @@
+"""The LogME rung around Ray's real ASHA and FIFO schedulers, called as Tune's controller calls
+them; and the space rules of ``scheduler.logme_quantile``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from ray.tune.schedulers import TrialScheduler
+
+from dtlray.errors import DtlrayError
+from dtlray.logme_rung import LogMERung, mean_logme
+from dtlray.search import build_trial_scheduler
+from dtlray.search_space import parse_space
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+def rung_raw(**scheduler: Any) -> dict[str, Any]:
+    raw = yaml.safe_load(Path("search_spaces/tiny.yaml").read_text())
+    raw["scheduler"] = {"type": "fifo", "logme_quantile": 0.5, "logme_min_configs": 3, **scheduler}
+    return raw
+
+
+def trial(trial_id: str, depth: int, lr: float = 0.01) -> SimpleNamespace:
+    return SimpleNamespace(
+        trial_id=trial_id, config={"model.fusion_depth": depth, "stage2.lr": lr}
+    )  # Tune's Trial, as a scheduler reads it
+
+
+def first_result(logme: tuple[float, float] | None, val: float = 0.5) -> dict[str, Any]:
+    result: dict[str, Any] = {"training_iteration": 1, "target/val_acc": val}
+    if logme is not None:
+        result["target/digits/logme"], result["target/faces/logme"] = logme
+    return result
+
+
+def report(scheduler: TrialScheduler, t: SimpleNamespace, result: dict[str, Any]) -> str:
+    return scheduler.on_trial_result(None, t, result)
+
+
+def test_below_the_quantile_of_the_stage1_configurations_stops_at_the_first_result() -> None:
+    scheduler = build_trial_scheduler(parse_space(rung_raw()))
+    assert isinstance(scheduler, LogMERung)
+    scheduler.set_search_properties("target/val_acc", "max")
+    trials = [trial(f"t{i}", depth) for i, depth in enumerate((0, 1, 1, 2, 0, 1))]
+    for t in trials:
+        scheduler.on_trial_add(None, t)
+    # Fewer than 3 stage-1 configurations scored: nothing stops, whatever the score.
+    assert report(scheduler, trials[0], first_result((-1.0, -1.2))) == CONTINUE  # depth 0
+    assert report(scheduler, trials[1], first_result((0.5, 0.7))) == CONTINUE  # depth 1
+    # A second trial of depth 1 shares its stage 1: still 2 configurations.
+    assert report(scheduler, trials[2], first_result((0.5, 0.7))) == CONTINUE
+    # The third configuration is scored: median of (-1.1, 0.6, 0.2) is 0.2; 0.2 is not below.
+    assert report(scheduler, trials[3], first_result((0.1, 0.3))) == CONTINUE  # depth 2
+    # depth 0 (-1.1) is below the median now: its next trial stops at its first result.
+    assert report(scheduler, trials[4], first_result((-1.0, -1.2), val=0.9)) == STOP
+    assert report(scheduler, trials[5], first_result((0.5, 0.7))) == CONTINUE
+    assert scheduler.stopped == ["t4"]
+    # Only the first result is ranked: later ones go to FIFO alone.
+    assert report(scheduler, trials[0], {"training_iteration": 2, "target/val_acc": 0.1}) == (
+        CONTINUE
+    )
+
+
+def test_no_score_passes_and_the_wrapped_asha_still_decides() -> None:
+    scheduler = build_trial_scheduler(
+        parse_space(rung_raw(type="asha", grace_period=1, logme_min_configs=2))
+    )
+    scheduler.set_search_properties("target/val_acc", "max")
+    trials = [trial(f"t{i}", i % 3) for i in range(4)]
+    for t in trials:
+        scheduler.on_trial_add(None, t)
+    assert report(scheduler, trials[0], first_result((0.0, 0.0), val=0.5)) == CONTINUE
+    assert report(scheduler, trials[1], first_result((1.0, 1.0), val=0.9)) == CONTINUE
+    # A scratch trial reports no LogME: the rung leaves it to ASHA, which keeps it.
+    assert report(scheduler, trials[2], first_result(None, val=0.95)) == CONTINUE
+    # ASHA's rung at epoch 1 stops a poor one whatever its LogME: its STOP stands.
+    assert report(scheduler, trials[3], first_result((2.0, 2.0), val=0.1)) == STOP
+    assert scheduler.stopped == []  # neither stop was the rung's
+    assert mean_logme(first_result((1.0, 2.0))) == 1.5 and mean_logme(first_result(None)) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"logme_quantile": 1.0}, "less than 1"),
+        ({"logme_quantile": 0.0}, "greater than 0"),
+        ({"logme_min_configs": 1}, "greater than or equal to 2"),
+    ],
+)
+def test_logme_rung_space_rules(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(DtlrayError, match=message):
+        parse_space(rung_raw(**change))
+
+
+def test_logme_rung_needs_a_stage1() -> None:
+    raw = rung_raw()
+    raw["trial"]["stage2"]["init"] = "scratch"
+    with pytest.raises(DtlrayError, match="stage2.init: scratch"):
+        parse_space(raw)
+    raw["search"]["stage2.init"] = {"choices": ["scratch", "stage1"]}  # some trials have one
+    assert parse_space(raw).scheduler.logme_quantile == 0.5
