@@ -5,7 +5,8 @@ load its trunk from the collection's stage-1 store (``--work-dir`` of ``collect_
 score each target's train split with LogME (one forward pass; what a trial reports as
 ``target/<task>/logme``), and compare the ranking with the best final target val acc that
 configuration reached over the table's finetune grid. Prints Kendall's tau, overall and per
-target, ending with ``KENDALL TAU LogME vs final target val acc = X``.
+target, ending with ``KENDALL TAU LogME vs final target val acc = X``; writes the scores next to
+the table (``curves/logme.json``), where ``search_quality.py`` replays the LogME rung with them.
 
     .venv/bin/python bench/logme_rank.py       # seconds, once the collection's trunks exist
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, default=ROOT / "bench" / "curves" / "curves.parquet")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "dtlray-curves"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the scores (default: logme.json by the table)"
+    )
     args = parser.parse_args(argv)
 
     import pyarrow.parquet as pq
@@ -86,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) < 3:
         print("too few stored trunks to rank")
         return 1
+    out = args.out or args.table.parent / "logme.json"
+    records = [
+        {"backbone": b, "fusion_depth": d, "stage1_epochs": s1, **scores}
+        for (b, d, s1), scores, _ in rows
+    ]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(out)  # never a half-written file
+    print(f"scores: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     tasks = [k for k in rows[0][1]]
     accs = [acc for _, _, acc in rows]
     for task in tasks:

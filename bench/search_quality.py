@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TABLE = ROOT / "bench" / "curves" / "curves.parquet"
+LOGME_FILE = "logme.json"  # by the table: written by logme_rank.py
 SPACE = ROOT / "search_spaces" / "quickstart.yaml"
 # A one-worker search trial's cost around its own work, from bench/train_overhead.py on this
 # 2-core machine: a slot's first trial starts a trial process (its imports, Tune's bookkeeping);
@@ -80,6 +81,9 @@ SEARCHERS: dict[str, dict[str, Any]] = {
     # Successive halving over the table's stage-1 budgets, ASHA over finetune epochs, with the
     # stage tree (stage1.schedule: wsd): see dtlray.two_axis.
     "two-axis": {"scheduler.type": "two_axis", "stage1.schedule": "wsd"},
+    # The LogME rung (dtlray.logme_rung) in front of ASHA: a trial whose stage 1 is in the
+    # bottom quarter by LogME (curves/logme.json, from logme_rank.py) stops at its first result.
+    "tpe+asha+logme": {"scheduler.logme_quantile": 0.25},
 }
 DEFAULT = "tpe+asha"
 REFERENCE = "random+fifo"
@@ -114,6 +118,8 @@ class CurveTable:
     stage1_load_seconds: float
     axes: dict[str, list[Any]]
     meta: dict[str, Any]
+    # stage-1 config -> target/<task>/logme of its trunk (logme.json by the table; may be empty)
+    logme: dict[tuple[Any, ...], dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> CurveTable:
@@ -142,7 +148,13 @@ class CurveTable:
                 setup_seconds=first["setup_seconds"],
             )
         axes = {k: sorted({key[i] for key in curves}) for i, k in enumerate(CONFIG_KEYS)}
-        return cls(curves, stage1, float(np.median(loads)) if loads else 0.0, axes, meta)
+        logme = {}
+        if (path.parent / LOGME_FILE).exists():
+            for record in json.loads((path.parent / LOGME_FILE).read_text()):
+                s1 = tuple(record.pop(k) for k in CONFIG_KEYS[:3])
+                logme[s1] = record
+        load = float(np.median(loads)) if loads else 0.0
+        return cls(curves, stage1, load, axes, meta, logme)
 
     def curve(self, sampled: dict[str, Any]) -> Curve:
         """The recorded configuration nearest a sampled one (log scale for the rates)."""
@@ -329,6 +341,8 @@ def replay(
         val = curve.val[epoch - 1]
         diverged = math.isnan(val)
         result = {"training_iteration": epoch, "epoch": epoch, metric: val, "diverged": diverged}
+        if epoch == 1:  # a trial reports its trunk's LogME with its first result
+            result.update(table.logme.get(curve.stage1_key, {}))
         trial = trials[trial_id]
         decision = scheduler.on_trial_result(None, trial, result)
         if decision != TrialScheduler.STOP:
@@ -496,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n not in dropped]
         if dropped:
             print(f"skipping {', '.join(dropped)}: the table has one stage-1 budget")
+    if not table.logme:  # the LogME rung needs the trunks' scores
+        dropped = [n for n in names if "scheduler.logme_quantile" in SEARCHERS[n]]
+        names = [n for n in names if n not in dropped]
+        if dropped:
+            print(f"skipping {', '.join(dropped)}: no {LOGME_FILE} by the table (logme_rank.py)")
     trials = args.trials or replay_space(table, {}, 0).num_samples
     if args.no_default_point:
         for name in names:
