@@ -17,6 +17,7 @@ Part of the search layer (:func:`dtlray.search.build_trial_scheduler` builds it)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +28,14 @@ LOGME_PREFIX, LOGME_SUFFIX = "target/", "/logme"
 
 
 def mean_logme(result: dict[str, Any]) -> float | None:
-    """The mean of a result's ``target/<task>/logme`` scores; None if it has none."""
+    """The mean of a result's ``target/<task>/logme`` scores; None if it has none, or one is
+    not finite (it cannot be ranked)."""
     scores = [
         float(v)
         for k, v in result.items()
         if k.startswith(LOGME_PREFIX) and k.endswith(LOGME_SUFFIX) and v is not None
     ]
-    return float(np.mean(scores)) if scores else None
+    return float(np.mean(scores)) if scores and all(map(math.isfinite, scores)) else None
 
 
 class LogMERung(TrialScheduler):
@@ -78,13 +80,12 @@ class LogMERung(TrialScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:  # noqa: D102
         decision = self.scheduler.on_trial_result(tune_controller, trial, result)
-        if result.get("training_iteration") != 1 or decision == TrialScheduler.STOP:
-            return decision
-        score = mean_logme(result)
+        score = mean_logme(result) if result.get("training_iteration") == 1 else None
         if score is None:
             return decision
+        # Scored whatever the wrapped scheduler decides: the quantile is over every stage 1.
         self._scores[self._stage1_id(trial.config)] = score
-        if len(self._scores) < self._min_configs:
+        if decision == TrialScheduler.STOP or len(self._scores) < self._min_configs:
             return decision
         cutoff = float(np.quantile(list(self._scores.values()), self._quantile))
         if score < cutoff:

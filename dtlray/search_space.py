@@ -216,6 +216,11 @@ class SearchSpace(_Strict):
                     f"search.{key}: default {param.default!r} is outside the distribution"
                 )
         self._check_two_axis()
+        if self.scheduler.logme_quantile is not None and self.scheduler.type == "two_axis":
+            raise ValueError(
+                "scheduler.logme_quantile does not combine with two_axis: its scores would pool "
+                "stage-1 budgets, and it could stop a promoted configuration's full finetune"
+            )
         if self.scheduler.logme_quantile is not None and not self._any_stage1():
             raise ValueError(
                 "scheduler.logme_quantile ranks stage-1 trunks, but every trial here has "

@@ -71,8 +71,8 @@ class TwoAxisSearch(SearcherWrapper):
         # trial id -> (configuration, budget index); the inner searcher proposed (and learns
         # from) the ones at index 0.
         self._trials: dict[str, tuple[str, int]] = {}
-        self._ended: set[str] = set()  # trials that completed (or failed)
-        self._lost = [0] * len(budgets)  # per budget: trials that failed or diverged
+        self._ended: set[str] = set()  # trials that completed or failed
+        self._lost: set[str] = set()  # trials that failed or diverged: they earn nothing
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # noqa: D102
         if self._started >= self._num_samples:
@@ -93,6 +93,9 @@ class TwoAxisSearch(SearcherWrapper):
         return trial_id in self._trials and self._trials[trial_id][1] == 0
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:  # noqa: D102
+        # A failed trial that runs again (``--resume`` retries errored trials) is live again.
+        self._ended.discard(trial_id)
+        self._lost.discard(trial_id)
         if self._is_new(trial_id):
             self.searcher.on_trial_result(trial_id, result)
 
@@ -107,17 +110,23 @@ class TwoAxisSearch(SearcherWrapper):
         config, level = self._trials[trial_id]
         value = None if error or not result else result.get(self.metric)
         if value is None or not math.isfinite(float(value)):
-            self._lost[level] += 1  # failed or diverged: never promoted
+            self._lost.add(trial_id)  # failed or diverged: never promoted
             return
         sign = 1.0 if self.mode == "max" else -1.0
         self._rungs[level][config] = sign * float(value)
 
     def set_state(self, state: dict[str, Any]) -> None:  # noqa: D102
         super().set_state(state)
-        # A search saved before the trial budget was shared with the promotions owed.
+        # A search saved before the trial budget was shared with the promotions owed: what ran
+        # is over (a trial Tune runs again is live again at its first result), and what has
+        # no rung value earned nothing.
         if "_ended" not in state:
-            self._ended = set()
-            self._lost = [0] * len(self._budgets)
+            self._ended = set(self._trials)
+            self._lost = {
+                trial_id
+                for trial_id, (config, level) in self._trials.items()
+                if config not in self._rungs[level]
+            }
 
     # -- the rungs -----------------------------------------------------------------------------
 
@@ -132,16 +141,17 @@ class TwoAxisSearch(SearcherWrapper):
         return None
 
     def _owed(self, new: int = 0) -> int:
-        """Promotions still to come if every live trial (and ``new`` more at the smallest
-        budget) gets a result: per budget, its top fraction not promoted yet, counting the
-        promotions owed into it from below."""
-        started = [0] * len(self._budgets)
-        for _, level in self._trials.values():
-            started[level] += 1
-        started[0] += new
+        """About how many promotions are still to come if every live trial (and ``new`` more at
+        the smallest budget) gets a result: per budget, the size of its top fraction less the
+        promotions made from it, counting the promotions owed into it from below. (A promoted
+        configuration that later drops out of the top fraction makes this an undercount.)"""
+        counted = [0] * len(self._budgets)
+        for trial_id, (_, level) in self._trials.items():
+            counted[level] += trial_id not in self._lost
+        counted[0] += new
         owed = carry = 0
         for level in range(len(self._budgets) - 1):
-            live = started[level] - self._lost[level] + carry
+            live = counted[level] + carry
             carry = max(0, math.floor(live / self._eta) - len(self._promoted[level]))
             owed += carry
         return owed

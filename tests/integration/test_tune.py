@@ -183,6 +183,18 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(
     assert best["epochs"] == epochs
 
 
+def _checked_space(raw: dict, tmp_path: Path, shows: str) -> Any:
+    """The space, after ``dtlray check`` passed on it as a file and its summary ``shows``."""
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    check = subprocess.run(
+        [sys.executable, "-m", "dtlray", "check", str(path)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    assert shows in check.stdout
+    return parse_space(raw)
+
+
 def test_two_axis_search_promotes_the_best_and_writes_best_json(
     ray_cluster: None, data_root: Path, tmp_path: Path
 ) -> None:
@@ -197,15 +209,7 @@ def test_two_axis_search_promotes_the_best_and_writes_best_json(
     raw["scheduler"] = {"type": "two_axis", "stage1_budgets": [2, 3], "grace_period": 1}
     raw["num_samples"] = 5
     raw["max_concurrent_trials"] = 2
-    path = tmp_path / "two_axis.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    check = subprocess.run(
-        [sys.executable, "-m", "dtlray", "check", str(path)], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr
-    assert "two_axis" in check.stdout
-
-    space = parse_space(raw)
+    space = _checked_space(raw, tmp_path, shows="two_axis")
     results = dtlray.build_tuner(space, storage_path=str(tmp_path), name="two-axis").fit()
     assert results.num_errors == 0, [r.error for r in results]
     assert len(results) == 5
@@ -240,14 +244,8 @@ def test_logme_rung_stops_trials_whose_stage1_ranks_low(
     raw["scheduler"] = {"type": "fifo", "logme_quantile": 0.99, "logme_min_configs": 2}
     raw["num_samples"] = 6
     raw["max_concurrent_trials"] = 1  # one at a time: the order of first results is known
-    path = tmp_path / "logme.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    check = subprocess.run(
-        [sys.executable, "-m", "dtlray", "check", str(path)], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr
-    assert "LogME rung at the 0.99 quantile" in check.stdout
-    space = parse_space(raw)
+    raw["searcher"] = {"type": "random", "seed": 0}  # the same depths whatever the accuracies
+    space = _checked_space(raw, tmp_path, shows="LogME rung at the 0.99 quantile")
     results = dtlray.build_tuner(space, storage_path=str(tmp_path), name="logme").fit()
     assert results.num_errors == 0, [r.error for r in results]
 

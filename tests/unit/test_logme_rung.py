@@ -79,9 +79,23 @@ def test_no_score_passes_and_the_wrapped_asha_still_decides() -> None:
     # A scratch trial reports no LogME: the rung leaves it to ASHA, which keeps it.
     assert report(scheduler, trials[2], first_result(None, val=0.95)) == CONTINUE
     # ASHA's rung at epoch 1 stops a poor one whatever its LogME: its STOP stands.
-    assert report(scheduler, trials[3], first_result((2.0, 2.0), val=0.1)) == STOP
+    assert report(scheduler, trials[3], first_result((3.0, 3.0), val=0.1)) == STOP
     assert scheduler.stopped == []  # neither stop was the rung's
+    # ... and its score still counts: depth 0 now has 3.0, so depth 1 (1.0) is below the median.
+    scheduler.on_trial_add(None, late := trial("t4", 1))
+    assert report(scheduler, late, first_result((1.0, 1.0), val=0.99)) == STOP
+    assert scheduler.stopped == ["t4"]
+
+
+def test_a_score_that_is_not_finite_is_not_ranked() -> None:
     assert mean_logme(first_result((1.0, 2.0))) == 1.5 and mean_logme(first_result(None)) is None
+    assert mean_logme(first_result((float("nan"), 2.0))) is None
+    scheduler = build_trial_scheduler(parse_space(rung_raw(logme_min_configs=2)))
+    scheduler.set_search_properties("target/val_acc", "max")
+    assert report(scheduler, trial("t0", 0), first_result((1.0, 1.0))) == CONTINUE
+    assert report(scheduler, trial("t1", 1), first_result((float("nan"), 0.0))) == CONTINUE
+    # The NaN did not enter the pool: the rung still ranks (depth 2 is below depth 0).
+    assert report(scheduler, trial("t2", 2), first_result((0.0, 0.0))) == STOP
 
 
 @pytest.mark.parametrize(
@@ -90,6 +104,7 @@ def test_no_score_passes_and_the_wrapped_asha_still_decides() -> None:
         ({"logme_quantile": 1.0}, "less than 1"),
         ({"logme_quantile": 0.0}, "greater than 0"),
         ({"logme_min_configs": 1}, "greater than or equal to 2"),
+        ({"type": "two_axis", "stage1_budgets": [1, 2]}, "does not combine with two_axis"),
     ],
 )
 def test_logme_rung_space_rules(change: dict[str, Any], message: str) -> None:

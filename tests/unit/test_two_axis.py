@@ -134,6 +134,41 @@ def test_a_failed_or_diverged_trial_frees_the_share_it_would_have_earned() -> No
     assert search.suggest("t5") == search.FINISHED
 
 
+def test_a_failed_trial_that_runs_again_is_live_again() -> None:
+    # restore_tuner retries errored trials: one that failed and now reports is not lost.
+    raw = two_axis_raw(stage1_budgets=[2, 3])
+    raw["num_samples"] = 5
+    search = build_searcher(parse_space(raw), study_name="two-axis-retry")
+    started = {f"t{i}": search.suggest(f"t{i}") for i in range(3)}
+    search.on_trial_complete("t0", error=True)
+    complete(search, "t1", started["t1"], 0.8)
+    complete(search, "t2", started["t2"], 0.6)
+    assert search.suggest("p0")["stage2.lr"] == started["t1"]["stage2.lr"]
+    search.on_trial_result("t0", {"training_iteration": 1, "target/val_acc": 0.9})
+    # t0 runs again and may earn the promotion the last trial is kept for: wait for it.
+    assert search.suggest("t3") is None
+    complete(search, "t0", started["t0"], 0.9)
+    assert search.suggest("t3")["stage1.epochs"] == 3  # t0 goes on too (top 1 of 3 taken)
+
+
+def test_a_search_saved_before_promotions_were_owed_resumes() -> None:
+    raw = two_axis_raw(stage1_budgets=[2, 3])
+    raw["num_samples"] = 5
+    search = build_searcher(parse_space(raw), study_name="two-axis-old")
+    started = {f"t{i}": search.suggest(f"t{i}") for i in range(3)}
+    complete(search, "t0", started["t0"], 0.5)
+    complete(search, "t1", started["t1"], 0.7)
+    search.on_trial_complete("t2", error=True)
+    state = search.get_state()
+    for key in ("_ended", "_lost"):  # what the previous version saved had neither
+        del state[key]
+    again = build_searcher(parse_space(raw), study_name="two-axis-old2")
+    again.set_state(state)
+    assert again._ended == {"t0", "t1", "t2"} and again._lost == {"t2"}
+    assert again.suggest("p0")["stage1.epochs"] == 3
+    assert again.suggest("t3")["stage1.epochs"] == 2  # nothing is live: no waiting forever
+
+
 def test_tune_saves_and_restores_its_rungs(tmp_path: Path) -> None:
     from ray.tune.search import SearchGenerator
 
