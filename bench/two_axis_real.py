@@ -1,0 +1,107 @@
+"""The two-axis search for real against the default search: same trial budget, same machine, one
+run after the other, nothing cached.
+
+Runs ``dtlray tune search_spaces/quickstart_two_axis.yaml`` and ``dtlray tune
+search_spaces/quickstart.yaml`` (12 trials each, 2 at a time) as a user does, each on a new
+storage directory so no stage-1 result is reused across them (the prepared datasets are), and
+times each from the command's start to its exit (``best.json`` written). Prints, per search, the
+wall time, the best trial's val and test accuracy and the stage-1 epochs computed, then
+
+    TWO-AXIS SPEEDUP default/two-axis = X (best val two-axis A vs default B: equal or better|worse)
+
+(goal >= 2 at equal or better best val acc). ``--pairs N`` repeats the pair N times, alternating
+which search goes first, and prints the median and the spread. A pair takes about 8 minutes on
+2 idle cores; each finished search is kept under ``--work-dir``, so a rerun with the same
+directory skips the searches already done (an interrupted run continues).
+
+    .venv/bin/python bench/two_axis_real.py              # one pair, ~8 min
+    .venv/bin/python bench/two_axis_real.py --pairs 3    # ~25 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCHES = {
+    "two-axis": ROOT / "search_spaces" / "quickstart_two_axis.yaml",
+    "default": ROOT / "search_spaces" / "quickstart.yaml",
+}
+
+
+def run_search(name: str, space: Path, storage: Path) -> dict:
+    """One search from the CLI on its own storage; its wall and best trial (cached on disk)."""
+    done = storage / "bench.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    shutil.rmtree(storage, ignore_errors=True)  # a search interrupted mid-way starts over
+    storage.mkdir(parents=True)
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, "-m", "dtlray", "tune", str(space), "--storage-path", str(storage),
+           "--name", name]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    (storage / "console.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: exit {proc.returncode}; see {storage / 'console.log'}")
+    best = json.loads((storage / name / "best.json").read_text())
+    computed = 0
+    for result in (storage / name).glob("*/result.json"):
+        lines = result.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        if last.get("stage1/mode") == "computed":
+            computed += last["config"].get("stage1.epochs", best["config"]["stage1"]["epochs"])
+            computed -= last.get("stage1/reused_epochs", 0)
+    record = {
+        "name": name,
+        "wall_s": wall,
+        "load_at_start": load,
+        "best_val": best["objective"]["value"],
+        "best_test": (best.get("test") or {}).get("target/test_acc"),
+        "best_searched": best["searched"],
+        "stage1_epochs_computed": computed,
+    }
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "dtlray-2axis")
+    args = parser.parse_args(argv)
+    print(f"{os.cpu_count()} CPUs | load average {os.getloadavg()[0]:.2f}", flush=True)
+    ratios = []
+    for pair in range(args.pairs):
+        order = list(SEARCHES) if pair % 2 == 0 else list(reversed(SEARCHES))
+        got = {}
+        for name in order:
+            got[name] = r = run_search(name, SEARCHES[name], args.work_dir / f"pair{pair}" / name)
+            test = "?" if r["best_test"] is None else f"{r['best_test']:.4f}"
+            print(f"pair {pair + 1} {name:8}: {r['wall_s']:6.1f} s (load {r['load_at_start']:.2f}"
+                  f" at start), best val {r['best_val']:.4f} test {test}, stage-1 epochs "
+                  f"computed {r['stage1_epochs_computed']}", flush=True)  # fmt: skip
+        ratio = got["default"]["wall_s"] / got["two-axis"]["wall_s"]
+        ratios.append(ratio)
+        verdict = "equal or better" if got["two-axis"]["best_val"] >= got["default"]["best_val"] \
+            else "worse"  # fmt: skip
+        print(f"TWO-AXIS SPEEDUP default/two-axis = {ratio:.2f} (best val two-axis "
+              f"{got['two-axis']['best_val']:.4f} vs default {got['default']['best_val']:.4f}: "
+              f"{verdict})", flush=True)  # fmt: skip
+    if len(ratios) > 1:
+        print(f"median {statistics.median(ratios):.2f} over {len(ratios)} pairs "
+              f"({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
