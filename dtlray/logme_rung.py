@@ -2,13 +2,14 @@
 
 Every trial that starts from a stage 1 reports ``target/<task>/logme`` with its first finetune
 result: LogME (:mod:`dtlray.logme`) of the stage-1 trunk's features on each target's train
-split, computed before any finetuning. :class:`LogMERung` wraps the search's scheduler (ASHA,
-FIFO or two-axis's ASHA) and stops a trial at that first result when the mean LogME over its
-targets is below the ``quantile`` of the stage-1 configurations seen so far: the rest of its
-finetune is skipped. It decides once at least ``min_configs`` distinct stage-1 configurations
-have a score (a configuration counts once, however many trials share its stage 1); before that,
-and for a trial with no score (``stage2.init: scratch``, or streamed target splits), it passes
-the result on to the wrapped scheduler unchanged.
+split, computed before any finetuning. :class:`LogMERung` wraps the search's scheduler (ASHA
+or FIFO; the space refuses it with two-axis, whose scores would pool stage-1 budgets) and stops
+a trial at that first result when the mean LogME over its targets is below the ``quantile`` of
+the stage-1 configurations seen so far: the rest of its finetune is skipped. It decides once at
+least ``min_configs`` distinct stage-1 configurations have a score (a configuration counts
+once, however many trials share its stage 1); before that, and for a trial with no score
+(``stage2.init: scratch``, or streamed target splits), it passes the result on to the wrapped
+scheduler unchanged.
 
 Tune does not save a scheduler with the experiment, so after ``--resume`` the scores start over.
 
