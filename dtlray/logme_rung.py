@@ -11,13 +11,15 @@ once, however many trials share its stage 1); before that, and for a trial with 
 (``stage2.init: scratch``, or streamed target splits), it passes the result on to the wrapped
 scheduler unchanged.
 
-Tune does not save a scheduler with the experiment, so after ``--resume`` the scores start over.
+It logs a line for every trial it stops (``dtlray tune`` shows it). Tune does not save a
+scheduler with the experiment, so after ``--resume`` the scores start over.
 
 Part of the search layer (:func:`dtlray.search.build_trial_scheduler` builds it).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +28,8 @@ import numpy as np
 from ray.tune.schedulers import TrialScheduler
 
 LOGME_PREFIX, LOGME_SUFFIX = "target/", "/logme"
+
+log = logging.getLogger(__name__)
 
 
 def mean_logme(result: dict[str, Any]) -> float | None:
@@ -91,6 +95,15 @@ class LogMERung(TrialScheduler):
         cutoff = float(np.quantile(list(self._scores.values()), self._quantile))
         if score < cutoff:
             self.stopped.append(trial.trial_id)
+            log.info(
+                "[search] LogME rung stops trial %s at its first result: its stage 1's mean "
+                "LogME %.4f is below %.4f, the %g quantile of %d stage-1 configurations",
+                trial.trial_id,
+                score,
+                cutoff,
+                self._quantile,
+                len(self._scores),
+            )
             return TrialScheduler.STOP
         return decision
 

@@ -3,6 +3,7 @@ them; and the space rules of ``scheduler.logme_quantile``."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,7 +43,9 @@ def report(scheduler: TrialScheduler, t: SimpleNamespace, result: dict[str, Any]
     return scheduler.on_trial_result(None, t, result)
 
 
-def test_below_the_quantile_of_the_stage1_configurations_stops_at_the_first_result() -> None:
+def test_below_the_quantile_of_the_stage1_configurations_stops_at_the_first_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     scheduler = build_trial_scheduler(parse_space(rung_raw()))
     assert isinstance(scheduler, LogMERung)
     scheduler.set_search_properties("target/val_acc", "max")
@@ -57,7 +60,10 @@ def test_below_the_quantile_of_the_stage1_configurations_stops_at_the_first_resu
     # The third configuration is scored: median of (-1.1, 0.6, 0.2) is 0.2; 0.2 is not below.
     assert report(scheduler, trials[3], first_result((0.1, 0.3))) == CONTINUE  # depth 2
     # depth 0 (-1.1) is below the median now: its next trial stops at its first result.
-    assert report(scheduler, trials[4], first_result((-1.0, -1.2), val=0.9)) == STOP
+    with caplog.at_level(logging.INFO, logger="dtlray.logme_rung"):
+        assert report(scheduler, trials[4], first_result((-1.0, -1.2), val=0.9)) == STOP
+    assert "LogME rung stops trial t4" in caplog.text  # the user sees why it stopped
+    assert "-1.1000 is below 0.2000, the 0.5 quantile of 3 stage-1 configurations" in caplog.text
     assert report(scheduler, trials[5], first_result((0.5, 0.7))) == CONTINUE
     assert scheduler.stopped == ["t4"]
     # Only the first result is ranked: later ones go to FIFO alone.
