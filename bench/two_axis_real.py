@@ -54,10 +54,11 @@ def run_search(name: str, space: Path, storage: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: exit {proc.returncode}; see {storage / 'console.log'}")
     best = json.loads((storage / name / "best.json").read_text())
+    from dtlray.report.records import read_jsonl
+
     computed = 0
     for result in (storage / name).glob("*/result.json"):
-        lines = result.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
+        last = (read_jsonl(result) or [{}])[-1]
         if last.get("stage1/mode") == "computed":
             computed += last["config"].get("stage1.epochs", best["config"]["stage1"]["epochs"])
             computed -= last.get("stage1/reused_epochs", 0)

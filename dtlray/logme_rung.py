@@ -60,7 +60,7 @@ class LogMERung(TrialScheduler):
         *,
         quantile: float,
         min_configs: int,
-        stage1_id: Callable[[dict[str, Any]], str],
+        stage1_id: Callable[[dict[str, Any]], str | None],
     ) -> None:
         super().__init__()
         if not 0.0 < quantile < 1.0:
@@ -69,7 +69,7 @@ class LogMERung(TrialScheduler):
         self._quantile = quantile
         self._min_configs = min_configs
         self._stage1_id = stage1_id
-        self._scores: dict[str, float] = {}  # stage-1 identity -> its mean LogME
+        self._scores: dict[str | None, float] = {}  # stage-1 identity -> its mean LogME
         self.stopped: list[str] = []  # trial ids the rung stopped, in order
 
     @property

@@ -59,19 +59,10 @@ def build_trial_scheduler(space: SearchSpace) -> TrialScheduler:
         scheduler,
         quantile=space.scheduler.logme_quantile,
         min_configs=space.scheduler.logme_min_configs,
-        stage1_id=Stage1Identity(space),
+        # Within one search every trial reads the same source: no fingerprint is needed to
+        # tell its stage 1s apart (and the replay benchmark has no prepared data to take it from).
+        stage1_id=Stage1Keys(space, source_fingerprint=""),
     )
-
-
-class Stage1Identity:
-    """Which stage 1 a trial config uses, within one search (picklable): its stage-1 key
-    without the source fingerprint, which is the same for every trial of the search."""
-
-    def __init__(self, space: SearchSpace) -> None:
-        self._space = space
-
-    def __call__(self, config: Mapping[str, Any]) -> str:
-        return self._space.sampled_trial_config(config).stage1_key("")
 
 
 def _finetune_scheduler(space: SearchSpace) -> TrialScheduler:
@@ -291,10 +282,9 @@ class Stage1Keys:
     """The stage-1 key of a suggested config (None for a scratch trial); picklable, so a
     restored search keeps it."""
 
-    def __init__(self, space: SearchSpace) -> None:
+    def __init__(self, space: SearchSpace, source_fingerprint: str) -> None:
         self._space = space
-        source = ensure_dataset(space.trial.data.source, space.trial.data.root)
-        self._fingerprint = source.fingerprint
+        self._fingerprint = source_fingerprint
 
     def __call__(self, config: Mapping[str, Any]) -> str | None:
         cfg = self._space.sampled_trial_config(config)
@@ -305,10 +295,14 @@ def _stage1_ordered(searcher: Searcher, space: SearchSpace, storage_path: str) -
     """The searcher, reordered so no trial starts only to wait for a stage 1 being computed."""
     return Stage1OrderedSearch(
         searcher,
-        stage1_key=Stage1Keys(space),
+        stage1_key=Stage1Keys(space, _source_fingerprint(space)),
         is_stored=functools.partial(_stage1_stored, storage_path),
         num_samples=space.num_samples,
     )
+
+
+def _source_fingerprint(space: SearchSpace) -> str:
+    return ensure_dataset(space.trial.data.source, space.trial.data.root).fingerprint
 
 
 def _stage1_stored(storage_path: str, key: str) -> bool:

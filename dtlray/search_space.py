@@ -221,15 +221,16 @@ class SearchSpace(_Strict):
                 "scheduler.logme_quantile does not combine with two_axis: its scores would pool "
                 "stage-1 budgets, and it could stop a promoted configuration's full finetune"
             )
-        if self.scheduler.logme_quantile is not None and not self._any_stage1():
+        if self.scheduler.logme_quantile is not None and not self.uses_stage1:
             raise ValueError(
                 "scheduler.logme_quantile ranks stage-1 trunks, but every trial here has "
                 "stage2.init: scratch (no stage 1); remove logme_quantile"
             )
         return self
 
-    def _any_stage1(self) -> bool:
-        """Some trial of the space starts its finetune from a stage 1."""
+    @property
+    def uses_stage1(self) -> bool:
+        """Some trial of the space starts its finetune from a stage 1 (so reads the source)."""
         init = self.search.get("stage2.init")
         if init is None:
             return self.trial.stage2.init != "scratch"
@@ -307,7 +308,7 @@ class SearchSpace(_Strict):
         """Every dataset a trial of this space can read: the fixed ones and searched choices."""
         data = self.trial.data
         names = set(data.targets)
-        if self.trial.stage2.init != "scratch" or "stage2.init" in self.search:
+        if self.uses_stage1:
             names.add(data.source)
         for key in ("data.source", "data.targets"):
             param = self.search.get(key)

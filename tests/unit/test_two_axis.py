@@ -26,6 +26,13 @@ def two_axis_raw(**scheduler: Any) -> dict[str, Any]:
     return raw
 
 
+def two_budget_search(num_samples: int, name: str) -> Any:
+    """The two-axis searcher over stage-1 budgets 2 and 3, for ``num_samples`` trials."""
+    raw = two_axis_raw(stage1_budgets=[2, 3])
+    raw["num_samples"] = num_samples
+    return build_searcher(parse_space(raw), study_name=name)
+
+
 def complete(search: Any, trial_id: str, config: dict[str, Any], value: float) -> None:
     epochs = config["stage2.epochs"]
     result = {"training_iteration": epochs, "epoch": epochs, "target/val_acc": value}
@@ -100,9 +107,7 @@ def test_two_axis_space_rules(change: dict[str, Any], message: str) -> None:
 def test_asking_ahead_leaves_the_trial_budget_its_promotions() -> None:
     # dtlray.stage1_order asks ahead while the first results are still out; the trial budget
     # (5) must still hold the promotion that the first results earn.
-    raw = two_axis_raw(stage1_budgets=[2, 3])
-    raw["num_samples"] = 5
-    search = build_searcher(parse_space(raw), study_name="two-axis-ahead")
+    search = two_budget_search(num_samples=5, name="two-axis-ahead")
     started = {f"t{i}": search.suggest(f"t{i}") for i in range(3)}
     assert all(c["stage1.epochs"] == 2 for c in started.values())
     assert search.suggest("t3") is None  # the rest is owed: wait for results
@@ -118,9 +123,7 @@ def test_asking_ahead_leaves_the_trial_budget_its_promotions() -> None:
 
 
 def test_a_failed_or_diverged_trial_frees_the_share_it_would_have_earned() -> None:
-    raw = two_axis_raw(stage1_budgets=[2, 3])
-    raw["num_samples"] = 6
-    search = build_searcher(parse_space(raw), study_name="two-axis-failed")
+    search = two_budget_search(num_samples=6, name="two-axis-failed")
     started = {f"t{i}": search.suggest(f"t{i}") for i in range(4)}
     assert search.suggest("t4") is None  # 2 left, both owed if all 4 get results
     search.on_trial_complete("t0", error=True)
@@ -136,9 +139,7 @@ def test_a_failed_or_diverged_trial_frees_the_share_it_would_have_earned() -> No
 
 def test_a_failed_trial_that_runs_again_is_live_again() -> None:
     # restore_tuner retries errored trials: one that failed and now reports is not lost.
-    raw = two_axis_raw(stage1_budgets=[2, 3])
-    raw["num_samples"] = 5
-    search = build_searcher(parse_space(raw), study_name="two-axis-retry")
+    search = two_budget_search(num_samples=5, name="two-axis-retry")
     started = {f"t{i}": search.suggest(f"t{i}") for i in range(3)}
     search.on_trial_complete("t0", error=True)
     complete(search, "t1", started["t1"], 0.8)
@@ -152,9 +153,7 @@ def test_a_failed_trial_that_runs_again_is_live_again() -> None:
 
 
 def test_a_search_saved_before_promotions_were_owed_resumes() -> None:
-    raw = two_axis_raw(stage1_budgets=[2, 3])
-    raw["num_samples"] = 5
-    search = build_searcher(parse_space(raw), study_name="two-axis-old")
+    search = two_budget_search(num_samples=5, name="two-axis-old")
     started = {f"t{i}": search.suggest(f"t{i}") for i in range(3)}
     complete(search, "t0", started["t0"], 0.5)
     complete(search, "t1", started["t1"], 0.7)
@@ -162,7 +161,7 @@ def test_a_search_saved_before_promotions_were_owed_resumes() -> None:
     state = search.get_state()
     for key in ("_ended", "_lost"):  # what the previous version saved had neither
         del state[key]
-    again = build_searcher(parse_space(raw), study_name="two-axis-old2")
+    again = two_budget_search(num_samples=5, name="two-axis-old2")
     again.set_state(state)
     assert again._ended == {"t0", "t1", "t2"} and again._lost == {"t2"}
     assert again.suggest("p0")["stage1.epochs"] == 3
