@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,22 @@ from pathlib import Path
 import pytest
 
 from dtlray.data import BUILTIN_DATASETS, prepare_builtin
+
+RAY_FORWARDED_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|[\w.]*\s*pid=\d+)[^)]*\)")
+"""A line Ray's log monitor forwards to the driver from another process, e.g. ``(raylet) …``."""
+
+
+def own_stderr(err: str) -> str:
+    """What the command itself wrote to stderr, without the lines a Ray cluster forwards.
+
+    The integration tests keep one Ray up for the whole session, and its raylet writes to this
+    process's stderr whenever it likes (a nearly full disk: "… is over 95% full"); a check that a
+    command failed with one line must not count those.
+    """
+    return "".join(
+        line for line in err.splitlines(keepends=True) if not RAY_FORWARDED_LINE.match(line)
+    )
+
 
 DATA_ROOT_LIMIT = 3000
 """Rows per split of the datasets in :func:`data_root` (seed 0)."""

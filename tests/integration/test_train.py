@@ -22,6 +22,7 @@ from dtlray.stages import DatasetMeta, TaskSpec
 from dtlray.train_loop import evaluate
 from dtlray.trial_data import SplitTrainOnlyDataConfig, split_dataset
 from dtlray.worker import WorkerEnv, read_shard
+from tests.conftest import own_stderr
 
 pytestmark = pytest.mark.slow  # starts a real local Ray
 
@@ -161,7 +162,7 @@ def test_train_bad_override_is_one_clear_line(
 ) -> None:
     args = ["train", TINY, "--storage-path", str(tmp_path), "--set", "model.backbone=resnet9"]
     assert main(args) == 2
-    err = capsys.readouterr().err
+    err = own_stderr(capsys.readouterr().err)
     assert err.startswith("dtlray: error: invalid config: model.backbone: unknown backbone")
     assert "resnet18" in err and "Traceback" not in err
     assert main(["train", TINY, "--set", "stage2.lr"]) == 2
