@@ -16,6 +16,13 @@ from the records at the end (``--table-only`` rebuilds it from what exists).
 
     .venv/bin/python bench/collect_curves.py            # the full grid, ~1 h on 2 cores
     .venv/bin/python bench/collect_curves.py --quick    # a 2-job smoke run, ~3 min
+    .venv/bin/python bench/collect_curves.py --schedule wsd   # the stage tree's table, ~45 min
+
+``--schedule wsd`` records the same grid with a warmup-stable-decay stage 1 (the two-axis search's
+schedule) into ``bench/curves-wsd``, and measures the stage tree as it goes: the budgets of one
+backbone x fusion depth run in one job, shortest first, so each continues the constant phase the
+one before it stored, and its record says how many stage-1 epochs it reused and what the rest
+(the continuation and its own decay) cost.
 """
 
 from __future__ import annotations
@@ -56,6 +63,17 @@ QUICK = {
 
 def job_name(backbone: str, depth: int, s1_epochs: int) -> str:
     return f"{backbone}-d{depth}-s{s1_epochs}"
+
+
+def run_chain(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Jobs of one stage-1 configuration, one budget after the other in this process (``wsd``:
+    each continues the constant phase the shorter one stored)."""
+    results = [run_job(job) for job in jobs]
+    return {
+        "job": "+".join(r["job"] for r in results),
+        "ran": sum(r["ran"] for r in results),
+        "seconds": sum(r["seconds"] for r in results),
+    }
 
 
 def grid_config(space: Any, job: dict[str, Any], lr: float, mult: float) -> Any:
@@ -182,6 +200,10 @@ def _record(
         "lr_mult_backbone": cfg.stage2.lr_mult_backbone,
         "stage1_mode": first.get("stage1/mode", "diverged"),
         "stage1_compute_seconds": float(first.get("stage1/compute_seconds", float("nan"))),
+        # wsd: the stored constant-phase epochs this budget continued (0: from scratch); its
+        # stage1/seconds is then what the continuation and its decay cost.
+        "stage1_reused_epochs": int(first.get("stage1/reused_epochs", 0)),
+        "stage1_seconds": stage1_here,
         "source_val_acc": float(first.get("source/val_acc", float("nan"))),
         # In-process set-up (plan, datasets, model, loading stage 1) -- the trial's own fixed
         # cost; Tune's per-trial cost around it is measured by bench/train_overhead.py.
@@ -234,7 +256,13 @@ def build_table(out: Path, meta: dict[str, Any]) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "curves")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/curves[-wsd]")
+    parser.add_argument(
+        "--schedule",
+        choices=("cosine", "wsd"),
+        default="cosine",
+        help="stage 1's learning-rate schedule (wsd: the stage tree's, budgets in one job)",
+    )
     parser.add_argument(
         "--work-dir",
         default=str(Path.home() / ".cache" / "dtlray-curves"),
@@ -253,15 +281,20 @@ def main(argv: list[str] | None = None) -> int:
         "lr_mults": LR_MULTS,
     }
     overrides: dict[str, Any] = {}
+    if args.schedule == "wsd":
+        overrides["stage1.schedule"] = "wsd"
     if args.quick:
-        grid = QUICK
-        overrides = {
+        # wsd: budgets 2 and 4, so the second continues the constant epoch the first stored.
+        grid = QUICK | ({"stage1_epochs": (2, 4)} if args.schedule == "wsd" else {})
+        overrides |= {
             "data.source_max_rows": QUICK["source_max_rows"],
             "stage2.epochs": QUICK["stage2_epochs"],
         }
-        if args.out == parser.get_default("out"):
-            args.out = Path(args.work_dir) / "quick-table"
+        if args.out is None:
+            args.out = Path(args.work_dir) / f"quick-table-{args.schedule}"
         args.work_dir = str(Path(args.work_dir) / "quick")
+    if args.out is None:
+        args.out = ROOT / "bench" / ("curves-wsd" if args.schedule == "wsd" else "curves")
     (args.out / "records").mkdir(parents=True, exist_ok=True)
     import torch
 
@@ -273,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads_per_job": 1,
         "jobs_at_a_time": args.jobs,
+        "stage1_schedule": args.schedule,
     }
     if not args.table_only:
         finetunes = list(itertools.product(grid["lrs"], grid["lr_mults"]))
@@ -305,7 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         # spawn: a fresh interpreter per job process (torch and fork do not mix well).
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_job, job) for job in jobs]
+            if args.schedule == "wsd":  # one chain per configuration, shortest budget first
+                chains: dict[tuple[str, int], list[dict[str, Any]]] = {}
+                for job in sorted(jobs, key=lambda j: j["stage1_epochs"]):
+                    chains.setdefault((job["backbone"], job["depth"]), []).append(job)
+                futures = [pool.submit(run_chain, chain) for chain in chains.values()]
+            else:
+                futures = [pool.submit(run_job, job) for job in jobs]
             for future in as_completed(futures):
                 result = future.result()
                 have = sum(len(read_records(Path(j["records"]))) for j in jobs)

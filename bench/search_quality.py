@@ -58,6 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TABLE = ROOT / "bench" / "curves" / "curves.parquet"
+# The same grid with a warmup-stable-decay stage 1 (collect_curves.py --schedule wsd): what a
+# searcher with stage1.schedule: wsd (the two-axis search) trains, so its accuracies come from it.
+WSD_TABLE = ROOT / "bench" / "curves-wsd" / "curves.parquet"
 LOGME_FILE = "logme.json"  # by the table: written by logme_rank.py
 SPACE = ROOT / "search_spaces" / "quickstart.yaml"
 # A one-worker search trial's cost around its own work, from bench/train_overhead.py on this
@@ -118,6 +121,8 @@ class CurveTable:
     stage1_load_seconds: float
     axes: dict[str, list[Any]]
     meta: dict[str, Any]
+    # wsd tables: stage-1 config -> (stored constant epochs it continued, what the rest cost)
+    continued: dict[tuple[Any, ...], tuple[int, float]] = field(default_factory=dict)
     # stage-1 config -> target/<task>/logme of its trunk (logme.json by the table; may be empty)
     logme: dict[tuple[Any, ...], dict[str, float]] = field(default_factory=dict)
 
@@ -131,13 +136,15 @@ class CurveTable:
         by_config: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for row in rows:
             by_config.setdefault(tuple(row[k] for k in CONFIG_KEYS), []).append(row)
-        curves, stage1, loads = {}, {}, []
+        curves, stage1, loads, continued = {}, {}, [], {}
         for key, epochs in by_config.items():
             epochs.sort(key=lambda r: r["epoch"])
             first = epochs[0]
             s1 = key[:3]
             if first["stage1_mode"] == "computed" or s1 not in stage1:
                 stage1[s1] = first["stage1_compute_seconds"]
+            if first["stage1_mode"] == "computed" and first.get("stage1_reused_epochs", 0) > 0:
+                continued[s1] = (first["stage1_reused_epochs"], first["stage1_seconds"])
             if first["stage1_mode"] == "reused":
                 loads.append(first["stage1_load_seconds"])
             curves[key] = Curve(
@@ -154,7 +161,7 @@ class CurveTable:
                 s1 = tuple(record.pop(k) for k in CONFIG_KEYS[:3])
                 logme[s1] = record
         load = float(np.median(loads)) if loads else 0.0
-        return cls(curves, stage1, load, axes, meta, logme)
+        return cls(curves, stage1, load, axes, meta, continued, logme)
 
     def curve(self, sampled: dict[str, Any]) -> Curve:
         """The recorded configuration nearest a sampled one (log scale for the rates)."""
@@ -367,8 +374,10 @@ class StageTree:
     stored constant phase of its configuration and pays only for the rest of its epochs; it
     stores its own constant phase (b minus its decay epochs) when it gets there.
 
-    The accuracies stay the table's (recorded with a cosine stage 1): WSD matches cosine at equal
-    budget (Hägele et al. 2024), which this replay assumes and does not measure.
+    ``full_seconds`` is the budget's stage-1 compute from scratch; the rest is priced per epoch
+    at its mean (``compare_wsd`` prints how that matches the continuations the WSD table
+    measured). The accuracies are the WSD table's when there is one (``--wsd-table``); without
+    it, the cosine table's, assuming WSD matches cosine at equal budget (Hägele et al. 2024).
     """
 
     def __init__(self, decay_fraction: float) -> None:
@@ -400,6 +409,47 @@ class StageTree:
         return (budget - have) * per_epoch
 
 
+def compare_wsd(cosine: CurveTable, wsd: CurveTable) -> None:
+    """What the WSD table measured against the cosine one: accuracy at equal stage-1 budget
+    (per stage-1 configuration, over the finetunes both tables hold: their mean final test acc,
+    and the test acc of the best-on-val one), and each measured continuation against the stage
+    tree's price."""
+    rows = []
+    for s1 in sorted(set(cosine.stage1_seconds) & set(wsd.stage1_seconds)):
+        keys = [k for k in wsd.curves if k[:3] == s1 and k in cosine.curves]  # the same finetunes
+        if not keys:
+            continue
+        pair = []
+        for table in (cosine, wsd):
+            curves = [table.curves[k] for k in keys]
+            finals = [c.test[-1] for c in curves if not math.isnan(c.val[-1])]
+            pick = max(curves, key=lambda c: np.nan_to_num(c.val[-1], nan=-1.0))
+            pair.append((float(np.mean(finals)) if finals else math.nan, pick.test[-1]))
+        rows.append((s1, *pair))
+    if not rows:
+        return
+    print("stage 1 wsd vs cosine at equal budget (final test acc: grid mean, best-on-val pick):")
+    for s1, (cm, cp), (wm, wp) in rows:
+        print(
+            f"  {s1[0]:>9} d{s1[1]} {s1[2]} ep: mean {cm:.4f} -> {wm:.4f} ({wm - cm:+.4f}), "
+            f"pick {cp:.4f} -> {wp:.4f} ({wp - cp:+.4f})"
+        )
+    means = [w[0] - c[0] for _, c, w in rows]
+    picks = [w[1] - c[1] for _, c, w in rows]
+    print(
+        f"  median wsd - cosine: grid mean {np.median(means):+.4f}, pick {np.median(picks):+.4f} "
+        f"over {len(rows)} stage-1 configs"
+    )
+    for s1, (reused, seconds) in sorted(wsd.continued.items()):
+        budget = s1[2]
+        priced = (budget - reused) * wsd.stage1_seconds[s1] / budget
+        print(
+            f"  continuation {s1[0]} d{s1[1]} to {budget} ep from {reused} stored: measured "
+            f"{seconds:.0f}s, the tree prices it {priced:.0f}s (from scratch "
+            f"{wsd.stage1_seconds[s1]:.0f}s)"
+        )
+
+
 def _replay_job(
     args: tuple[str, str, int, float, int, tuple[float, float], dict[str, dict[str, Any]]],
 ) -> tuple[str, int, Run]:
@@ -428,6 +478,10 @@ def _table(path: str) -> CurveTable:
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     q1, q2, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
     return float(q1), float(q2), float(q3)
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _fraction(value: float) -> str:
@@ -466,6 +520,12 @@ def plot(runs: dict[str, list[Run]], budget: float, path: Path, title: str) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument(
+        "--wsd-table",
+        type=Path,
+        default=WSD_TABLE,
+        help="the WSD stage-1 table, for stage1.schedule: wsd searchers (if it exists)",
+    )
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument(
         "--trials", type=int, default=None, help="random + FIFO's trials (default: num_samples)"
@@ -505,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.table} does not exist; run bench/collect_curves.py first")
     start = time.perf_counter()
     table = _table(str(args.table))
+    wsd = _table(str(args.wsd_table)) if args.wsd_table.exists() else None
+    # A collection still under way covers part of the grid: compared, not replayed.
+    wsd_replays = wsd is not None and set(wsd.curves) == set(table.curves)
     if len(table.axes["stage1_epochs"]) < 2:  # nothing to halve over (e.g. a --quick table)
         dropped = [n for n in names if SEARCHERS[n].get("scheduler.type") == "two_axis"]
         names = [n for n in names if n not in dropped]
@@ -525,6 +588,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(table.stage1_seconds)} stage-1 configs ({args.table.name}; made on "
         f"{table.meta.get('machine', '?')})"
     )
+    wsd_names = [n for n in names if tries[n].get("stage1.schedule") == "wsd"]
+    if wsd_names:
+        if wsd_replays:
+            source = f"accuracies from {_shown(args.wsd_table)} (WSD stage 1)"
+        elif wsd is not None:
+            source = (
+                f"{_shown(args.wsd_table)} holds {len(wsd.curves)} of {len(table.curves)} "
+                "configurations (compared below); the cosine table's accuracies assumed"
+            )
+        else:
+            source = "no WSD table: the cosine table's accuracies assumed"
+        print(f"{', '.join(wsd_names)}: {source}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     t0 = time.perf_counter()
@@ -537,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(REFERENCE, str(args.table), s, math.inf, trials, overhead, tries) for s in seeds]
         reference = [run for _, _, run in pool.map(_replay_job, jobs)]
         budget = float(np.median([r.compute for r in reference]))
-        jobs = [
-            (n, str(args.table), s, budget, 10_000, overhead, tries) for n in names for s in seeds
-        ]
+        wsd_table = str(args.wsd_table if wsd_replays else args.table)
+        path = {n: wsd_table if n in wsd_names else str(args.table) for n in names}
+        jobs = [(n, path[n], s, budget, 10_000, overhead, tries) for n in names for s in seeds]
         runs: dict[str, list[Run]] = {n: [] for n in names}
         for name, _, run in pool.map(_replay_job, jobs):
             runs[name].append(run)
@@ -597,11 +672,12 @@ def main(argv: list[str] | None = None) -> int:
         "stage-1 compute with no reuse at all / what the search paid (median): "
         + ", ".join(f"{n} {v:.2f}x" for n, v in saving.items())
     )
+    if wsd is not None:
+        compare_wsd(table, wsd)
     start_point = "no default point" if args.no_default_point else "default point first"
     title = f"anytime curves, {args.seeds} seeds, {start_point} (median, IQR)"
     plot(runs, budget, args.png, title)
-    shown = args.png.relative_to(ROOT) if args.png.is_relative_to(ROOT) else args.png
-    print(f"\nanytime curves: {shown}")
+    print(f"\nanytime curves: {_shown(args.png)}")
     print(
         f"replay of a 100-trial {DEFAULT} search: {replay_100:.2f}s "
         f"({hundred.trials} trials); whole benchmark {time.perf_counter() - start:.1f}s"
