@@ -21,7 +21,8 @@ from the records at the end (``--table-only`` rebuilds it from what exists).
 ``--schedule wsd`` records the same grid with a warmup-stable-decay stage 1 (the two-axis search's
 schedule) into ``bench/curves-wsd``, and measures the stage tree as it goes: the budgets of one
 backbone x fusion depth run in one job, shortest first, so each continues the constant phase the
-one before it stored, and its record says how many stage-1 epochs it reused and what the rest
+one before it stored (a budget with no constant phase -- 1 epoch, all decay -- shares nothing and
+runs last), and its record says how many stage-1 epochs it reused and what the rest
 (the continuation and its own decay) cost.
 """
 
@@ -63,6 +64,15 @@ QUICK = {
 
 def job_name(backbone: str, depth: int, s1_epochs: int) -> str:
     return f"{backbone}-d{depth}-s{s1_epochs}"
+
+
+def wsd_order(budget: int) -> tuple[bool, int]:
+    """Where a budget goes in its configuration's chain: shortest first, but one with no
+    constant phase to store or continue (all decay) last."""
+    from dtlray.config import TrialConfig
+
+    stage1 = TrialConfig.from_flat({"stage1.schedule": "wsd", "stage1.epochs": budget}).stage1
+    return (stage1.constant_epochs == 0, budget)
 
 
 def run_chain(jobs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -341,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             if args.schedule == "wsd":  # one chain per configuration, shortest budget first
                 chains: dict[tuple[str, int], list[dict[str, Any]]] = {}
-                for job in sorted(jobs, key=lambda j: j["stage1_epochs"]):
+                for job in sorted(jobs, key=lambda j: wsd_order(j["stage1_epochs"])):
                     chains.setdefault((job["backbone"], job["depth"]), []).append(job)
                 futures = [pool.submit(run_chain, chain) for chain in chains.values()]
             else:
