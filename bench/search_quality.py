@@ -46,7 +46,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -162,6 +162,16 @@ class CurveTable:
                 logme[s1] = record
         load = float(np.median(loads)) if loads else 0.0
         return cls(curves, stage1, load, axes, meta, continued, logme)
+
+    def with_accuracies(self, other: CurveTable) -> CurveTable:
+        """This table's costs with ``other``'s accuracies (same grid): a WSD table collected on
+        another machine than the cosine one is replayed at the cosine table's costs, so every
+        searcher pays the same machine's prices; the stage tree prices its continuations."""
+        curves = {
+            key: replace(curve, val=other.curves[key].val, test=other.curves[key].test)
+            for key, curve in self.curves.items()
+        }
+        return replace(self, curves=curves, meta={**self.meta, "accuracies": other.meta})
 
     def curve(self, sampled: dict[str, Any]) -> Curve:
         """The recorded configuration nearest a sampled one (log scale for the rates)."""
@@ -451,11 +461,11 @@ def compare_wsd(cosine: CurveTable, wsd: CurveTable) -> None:
 
 
 def _replay_job(
-    args: tuple[str, str, int, float, int, tuple[float, float], dict[str, dict[str, Any]]],
+    args: tuple[str, tuple[str, str | None], int, float, int, tuple[float, float], dict[str, Any]],
 ) -> tuple[str, int, Run]:
-    name, table_path, seed, budget, max_trials, overhead, searchers = args
+    name, (table_path, accuracies), seed, budget, max_trials, overhead, searchers = args
     SEARCHERS.update(searchers)  # --try variants, in this worker process too
-    table = _table(table_path)
+    table = _table(table_path, accuracies)
     return (
         name,
         seed,
@@ -463,13 +473,17 @@ def _replay_job(
     )
 
 
-_TABLES: dict[str, CurveTable] = {}
+_TABLES: dict[tuple[str, str | None], CurveTable] = {}
 
 
-def _table(path: str) -> CurveTable:
-    if path not in _TABLES:
-        _TABLES[path] = CurveTable.load(Path(path))
-    return _TABLES[path]
+def _table(path: str, accuracies: str | None = None) -> CurveTable:
+    """The table at ``path``; with ``accuracies``, its costs with that table's accuracies."""
+    if (path, accuracies) not in _TABLES:
+        table = CurveTable.load(Path(path))
+        if accuracies is not None:
+            table = table.with_accuracies(_table(accuracies))
+        _TABLES[path, accuracies] = table
+    return _TABLES[path, accuracies]
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -591,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     wsd_names = [n for n in names if tries[n].get("stage1.schedule") == "wsd"]
     if wsd_names:
         if wsd_replays:
-            source = f"accuracies from {_shown(args.wsd_table)} (WSD stage 1)"
+            source = (
+                f"accuracies from {_shown(args.wsd_table)} (WSD stage 1), costs from "
+                f"{_shown(args.table)} (every searcher at one machine's prices)"
+            )
         elif wsd is not None:
             source = (
                 f"{_shown(args.wsd_table)} holds {len(wsd.curves)} of {len(table.curves)} "
@@ -609,11 +626,15 @@ def main(argv: list[str] | None = None) -> int:
 
     seeds = range(args.seeds)
     with ProcessPoolExecutor(args.jobs) as pool:
-        jobs = [(REFERENCE, str(args.table), s, math.inf, trials, overhead, tries) for s in seeds]
+        jobs = [
+            (REFERENCE, (str(args.table), None), s, math.inf, trials, overhead, tries)
+            for s in seeds
+        ]
         reference = [run for _, _, run in pool.map(_replay_job, jobs)]
         budget = float(np.median([r.compute for r in reference]))
-        wsd_table = str(args.wsd_table if wsd_replays else args.table)
-        path = {n: wsd_table if n in wsd_names else str(args.table) for n in names}
+        cosine = (str(args.table), None)
+        wsd_accuracies = (str(args.table), str(args.wsd_table) if wsd_replays else None)
+        path = {n: wsd_accuracies if n in wsd_names else cosine for n in names}
         jobs = [(n, path[n], s, budget, 10_000, overhead, tries) for n in names for s in seeds]
         runs: dict[str, list[Run]] = {n: [] for n in names}
         for name, _, run in pool.map(_replay_job, jobs):
