@@ -16,7 +16,7 @@ from the records at the end (``--table-only`` rebuilds it from what exists).
 
     .venv/bin/python bench/collect_curves.py            # the full grid, ~1 h on 2 cores
     .venv/bin/python bench/collect_curves.py --quick    # a 2-job smoke run, ~3 min
-    .venv/bin/python bench/collect_curves.py --schedule wsd   # the stage tree's table, ~45 min
+    .venv/bin/python bench/collect_curves.py --schedule wsd   # the stage tree's table
 
 ``--schedule wsd`` records the same grid with a warmup-stable-decay stage 1 (the two-axis search's
 schedule) into ``bench/curves-wsd``, and measures the stage tree as it goes: the budgets of one
