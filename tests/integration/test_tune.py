@@ -237,14 +237,18 @@ def test_logme_rung_stops_trials_whose_stage1_ranks_low(
     raw = yaml.safe_load(TINY.read_text())
     raw["trial"]["data"]["root"] = str(data_root)
     raw["search"] = {
-        "model.fusion_depth": {"type": "int", "low": 0, "high": 2},
+        "model.fusion_depth": {"type": "int", "low": 0, "high": 1},
         "stage2.lr": {"type": "float", "low": 0.003, "high": 0.1, "log": True},
     }
     # Once 2 stage-1 configurations are scored, only the best-scored one finetunes on.
     raw["scheduler"] = {"type": "fifo", "logme_quantile": 0.99, "logme_min_configs": 2}
     raw["num_samples"] = 6
     raw["max_concurrent_trials"] = 1  # one at a time: the order of first results is known
-    raw["searcher"] = {"type": "random", "seed": 0}  # the same depths whatever the accuracies
+    # Random, seeded: the same depths whatever the accuracies -- 1, 0, 1, 0, 0, 0 (the default
+    # point first). Both depths run again after both are scored, so the rung stops a trial
+    # whichever of them LogME ranks lower (CPU types differ in that: seed 0's depths left only
+    # the last trial to stop, and only where its depth happened to score lower).
+    raw["searcher"] = {"type": "random", "seed": 2}
     space = _checked_space(raw, tmp_path, shows="LogME rung at the 0.99 quantile")
     results = dtlray.build_tuner(space, storage_path=str(tmp_path), name="logme").fit()
     assert results.num_errors == 0, [r.error for r in results]
@@ -254,9 +258,11 @@ def test_logme_rung_stops_trials_whose_stage1_ranks_low(
     def number(r: Any) -> int:
         return int(Path(r.path).name.split("_")[4])
 
+    in_order = sorted(results, key=number)
+    assert [r.config["model.fusion_depth"] for r in in_order] == [1, 0, 1, 0, 0, 0]
     scores: dict[int, float] = {}
     expected = set()
-    for r in sorted(results, key=number):
+    for r in in_order:
         first = read_jsonl(Path(r.path) / "result.json")[0]
         score = sum(first[f"target/{t}/logme"] for t in ("digits", "faces")) / 2
         scores[r.config["model.fusion_depth"]] = score
