@@ -167,10 +167,13 @@ class CurveTable:
         """This table's costs with ``other``'s accuracies (same grid): a WSD table collected on
         another machine than the cosine one is replayed at the cosine table's costs, so every
         searcher pays the same machine's prices; the stage tree prices its continuations."""
-        curves = {
-            key: replace(curve, val=other.curves[key].val, test=other.curves[key].test)
-            for key, curve in self.curves.items()
-        }
+        curves = {}
+        for key, curve in self.curves.items():
+            theirs = other.curves[key]
+            # A run that diverged here but not there: its later epochs at its median wall.
+            missing = len(theirs.val) - len(curve.wall)
+            wall = curve.wall + (float(np.median(curve.wall)),) * max(0, missing)
+            curves[key] = replace(curve, val=theirs.val, test=theirs.test, wall=wall)
         return replace(self, curves=curves, meta={**self.meta, "accuracies": other.meta})
 
     def curve(self, sampled: dict[str, Any]) -> Curve:
