@@ -174,7 +174,7 @@ class CurveTable:
             missing = len(theirs.val) - len(curve.wall)
             wall = curve.wall + (float(np.median(curve.wall)),) * max(0, missing)
             curves[key] = replace(curve, val=theirs.val, test=theirs.test, wall=wall)
-        return replace(self, curves=curves, meta={**self.meta, "accuracies": other.meta})
+        return replace(self, curves=curves)
 
     def curve(self, sampled: dict[str, Any]) -> Curve:
         """The recorded configuration nearest a sampled one (log scale for the rates)."""

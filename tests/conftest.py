@@ -33,6 +33,13 @@ def own_stderr(err: str) -> str:
     )
 
 
+def one_error_line(err: str) -> str:
+    """Assert that a command's own stderr is one ``dtlray: error: ...`` line; return it."""
+    err = own_stderr(err)
+    assert err.startswith("dtlray: error: ") and err.count("\n") == 1, err
+    return err
+
+
 DATA_ROOT_LIMIT = 3000
 """Rows per split of the datasets in :func:`data_root` (seed 0)."""
 

@@ -21,7 +21,7 @@ import pytest
 from dtlray.cli import main
 from dtlray.data import load_info, prepare_builtin, read_split_table, validate_split
 from dtlray.errors import DtlrayError
-from tests.conftest import S3Server, own_stderr
+from tests.conftest import S3Server, one_error_line
 
 BAD_INPUT_SECONDS = 30  # the issue's bound on each bad-input failure
 
@@ -36,11 +36,9 @@ def fail_fast(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """A user error: exit 2, one line on stderr, no traceback, within the time bound."""
     start = time.monotonic()
     code, out, err = run(argv, capsys)
-    err = own_stderr(err)
     assert time.monotonic() - start < BAD_INPUT_SECONDS
     assert code == 2, (out, err)
-    assert err.startswith("dtlray: error: ") and err.count("\n") == 1, err
-    return err
+    return one_error_line(err)
 
 
 def objects(uri: str) -> list[str]:

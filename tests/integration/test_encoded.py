@@ -15,7 +15,7 @@ from dtlray.data import load_info, prepare_builtin
 from dtlray.data.layout import ShardInfo, compute_fingerprint
 from dtlray.search_space import load_space
 from dtlray.trial import plan_trial
-from tests.conftest import DATA_ROOT_LIMIT, own_stderr
+from tests.conftest import DATA_ROOT_LIMIT, one_error_line
 
 pytestmark = pytest.mark.slow  # starts a real local Ray
 
@@ -92,6 +92,5 @@ def test_rows_that_are_not_the_recorded_format_are_refused(
 
     args = ["train", TINY, "--storage-path", str(tmp_path / "runs"), "--set", f"data.root={root}"]
     assert main(args) == 2
-    err = own_stderr(capsys.readouterr().err)
-    assert err.startswith("dtlray: error: ") and err.count("\n") == 1, err
+    err = one_error_line(capsys.readouterr().err)
     assert "png" in err.lower() and "jpeg" in err.lower() and "faces --force" in err, err

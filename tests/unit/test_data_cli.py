@@ -10,7 +10,7 @@ from PIL import Image
 from dtlray.cli import main
 from dtlray.data import load_info
 from dtlray.errors import DtlrayError
-from tests.conftest import own_stderr
+from tests.conftest import one_error_line
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -22,9 +22,8 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """Run a command that must fail as a user error: exit 2, one line on stderr, no traceback."""
     code, out, err = run(argv, capsys)
-    err = own_stderr(err)
     assert code == 2, (out, err)
-    assert err.startswith("dtlray: error: ") and err.count("\n") == 1, err
+    err = one_error_line(err)
     assert "Traceback" not in err
     return err
 
