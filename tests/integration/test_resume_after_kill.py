@@ -19,7 +19,8 @@ import yaml
 pytestmark = pytest.mark.slow  # starts a real local Ray
 
 TINY = Path("search_spaces/tiny.yaml")
-EPOCHS = 12  # with the larger label budget below: ~1 s each, time to kill mid-run
+EPOCHS = 6  # with the larger label budget below: 1-20 s each (by CPU), time to kill mid-run
+KILL_AFTER = 2  # the epoch whose line triggers the kill: EPOCHS - KILL_AFTER epochs still to run
 
 
 def _kill_after_epoch(cmd: list[str], process: str, epoch: int) -> tuple[int, str]:
@@ -68,7 +69,7 @@ def test_a_killed_one_worker_search_trial_resumes(data_root: Path, tmp_path: Pat
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "dtlray", "tune", str(_space(tmp_path, data_root))]
     cmd += ["--storage-path", str(storage), "--name", "killed"]
-    code, out = _kill_after_epoch(cmd, "run_trial_fn", epoch=3)
+    code, out = _kill_after_epoch(cmd, "run_trial_fn", epoch=KILL_AFTER)
     assert code == 0, out[-3000:]
     assert "[dtlray] resuming finetune at epoch" in out, out[-5000:]
     (result,) = (storage / "killed").glob("run_trial_fn_*/result.json")
@@ -83,7 +84,7 @@ def test_a_killed_one_worker_search_trial_resumes(data_root: Path, tmp_path: Pat
 def test_a_killed_train_worker_resumes(data_root: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "dtlray", "train", str(_space(tmp_path, data_root))]
     cmd += ["--storage-path", str(tmp_path / "runs"), "--name", "killed-train"]
-    code, out = _kill_after_epoch(cmd, "RayTrainWorker", epoch=3)
+    code, out = _kill_after_epoch(cmd, "RayTrainWorker", epoch=KILL_AFTER)
     assert code == 0, out[-3000:]
     assert "[dtlray] resuming finetune at epoch" in out, out[-5000:]
     assert f"finetune epoch {EPOCHS}/{EPOCHS}" in out

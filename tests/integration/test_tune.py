@@ -135,6 +135,8 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(
     # trial process and take a few seconds each.
     raw["num_samples"] = 6
     raw["max_concurrent_trials"] = 1
+    # One fusion depth: a single stage 1, computed by the first trial and reused by the rest.
+    del raw["search"]["model.fusion_depth"]
     raw["scheduler"] = {"type": "fifo"}
     epochs = raw["trial"]["stage2"]["epochs"] + 1  # set on the command line, not in the file
     space_file.write_text(yaml.safe_dump(raw))

@@ -27,12 +27,13 @@ from dtlray.data import (
 from dtlray.data.builtins import FASHION_MNIST_DIR, read_idx
 from dtlray.data.prepare import Recipe, SourceImages, prepare_dataset
 from dtlray.errors import DtlrayError
+from tests.conftest import DATA_ROOT_LIMIT
 
-# name -> (rows, classes, image shape, rows per split with limit=3000)
+# name -> (rows, classes, image shape, rows per split with limit=DATA_ROOT_LIMIT)
 EXPECTED = {
     "digits": (1797, 10, (8, 8, 1), {"train": 1257, "val": 270, "test": 270}),
     "faces": (200, 2, (25, 25, 1), {"train": 140, "val": 30, "test": 30}),
-    "fashion-mnist": (70000, 10, (28, 28, 1), {"train": 3000, "val": 3000, "test": 3000}),
+    "fashion-mnist": (70000, 10, (28, 28, 1), dict.fromkeys(SPLITS, DATA_ROOT_LIMIT)),
 }
 
 
@@ -58,7 +59,7 @@ def test_builtin_counts_classes_and_shape(data_root: Path, name: str) -> None:
     assert info.num_classes == num_classes
     assert info.image_shape == shape
     assert info.splits == splits
-    assert info.provenance.arguments == {"dataset": name, "limit": 3000}
+    assert info.provenance.arguments == {"dataset": name, "limit": DATA_ROOT_LIMIT}
     assert info.provenance.seed == 0
     for split in SPLITS:
         validate_split(info, split)
