@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from dtlray.cli import main
 from dtlray.data import load_info
 from dtlray.experiment import STAGE1_CACHE_DIR as CACHE_DIR
 from dtlray.models import build_transfer_model
+from dtlray.ray_session import EMBEDDED_RAY_ENV
 from dtlray.stages import DatasetMeta, TaskSpec
 from dtlray.train_loop import evaluate
 from dtlray.trial_data import SplitTrainOnlyDataConfig, split_dataset
@@ -134,6 +136,17 @@ def _eval_per_worker(config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if env.rank == 0 else None
         ray.train.report({"acc": acc, "loss": loss, "seen": int(seen.item())}, checkpoint)
+
+
+def _environment(names: list[str]) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_the_embedded_rays_processes_get_dtlrays_settings(ray_cluster: None) -> None:
+    # Set in the driver before ray.init, so the raylet and every worker it starts inherit them
+    # (Train's controller reads its health-check interval in its own process).
+    env = ray.remote(num_cpus=0)(_environment)
+    assert ray.get(env.remote(list(EMBEDDED_RAY_ENV))) == EMBEDDED_RAY_ENV
 
 
 def test_ddp_evaluation_counts_every_example_once(
