@@ -265,7 +265,9 @@ class SplitTrainOnlyDataConfig(ray.train.DataConfig):
 
     Ray's default shards every split-listed dataset with ``equal=True``, which may drop rows, and
     hands unsplit ones whole to every worker. Evaluation wants each example counted exactly once,
-    so val/test are sharded with ``equal=False`` and the workers all-reduce their sums.
+    so val/test are sharded with ``equal=False`` and the workers all-reduce their sums. One
+    worker gets every dataset whole, as a plain iterator: a split of one would cost a split
+    coordinator actor per dataset (a process of its own) and change nothing.
     """
 
     def __init__(self, train_keys: Sequence[str]) -> None:
@@ -280,16 +282,15 @@ class SplitTrainOnlyDataConfig(ray.train.DataConfig):
         worker_node_ids: Any,
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
-        if world_size == 1:
-            return super().configure(
-                datasets, world_size, worker_handles, worker_node_ids, **kwargs
-            )
         output: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             if ds.name is None:
                 ds.set_name(name)
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
+            if world_size == 1:
+                output[0][name] = ds.iterator()
+                continue
             splits = ds.streaming_split(
                 world_size, equal=name in self._train_keys, locality_hints=worker_node_ids
             )
