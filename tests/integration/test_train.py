@@ -143,10 +143,13 @@ def _environment(names: list[str]) -> dict[str, str | None]:
 
 
 def test_the_embedded_rays_processes_get_dtlrays_settings(ray_cluster: None) -> None:
-    # Set in the driver before ray.init, so the raylet and every worker it starts inherit them
-    # (Train's controller reads its health-check interval in its own process).
+    # Set in the driver before ray.init (dtlray's value unless the user set one), so the raylet
+    # and every worker it starts inherit them: Train's controller reads its health-check
+    # interval in its own process.
+    names = list(EMBEDDED_RAY_ENV)
+    assert all(name in os.environ for name in names)
     env = ray.remote(num_cpus=0)(_environment)
-    assert ray.get(env.remote(list(EMBEDDED_RAY_ENV))) == EMBEDDED_RAY_ENV
+    assert ray.get(env.remote(names)) == _environment(names)
 
 
 def test_ddp_evaluation_counts_every_example_once(
