@@ -21,9 +21,11 @@ from the records at the end (``--table-only`` rebuilds it from what exists).
 ``--schedule wsd`` records the same grid with a warmup-stable-decay stage 1 (the two-axis search's
 schedule) into ``bench/curves-wsd``, and measures the stage tree as it goes: the budgets of one
 backbone x fusion depth run in one job, shortest first, so each continues the constant phase the
-one before it stored (a budget with no constant phase -- 1 epoch, all decay -- shares nothing and
-runs last), and its record says how many stage-1 epochs it reused and what the rest
-(the continuation and its own decay) cost.
+one before it stored (WSD decays per step, so even a 1-epoch budget stores its first 0.75
+epochs), and its record says how many stage-1 epochs it reused and what the rest (the
+continuation and its own decay) cost. ``bench/curves-wsd-epochwise`` holds the 56 records of
+an earlier collection whose WSD changed its rate per epoch (a 1-epoch budget was all decay):
+they describe a schedule dtlray no longer trains, so they are kept apart, not resumed.
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ def _record(
         "stage1_compute_seconds": float(first.get("stage1/compute_seconds", float("nan"))),
         # wsd: the stored constant-phase epochs this budget continued (0: from scratch); its
         # stage1/seconds is then what the continuation and its decay cost.
-        "stage1_reused_epochs": int(first.get("stage1/reused_epochs", 0)),
+        "stage1_reused_epochs": float(first.get("stage1/reused_epochs", 0)),
         "stage1_seconds": stage1_here,
         "source_val_acc": float(first.get("source/val_acc", float("nan"))),
         # In-process set-up (plan, datasets, model, loading stage 1) -- the trial's own fixed

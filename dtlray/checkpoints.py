@@ -69,13 +69,15 @@ def diverged_report(checkpoint: Any) -> dict[str, Any] | None:
 
 @dataclass
 class Resume:
-    """A finetune checkpoint, loaded: the state to continue from and its meta."""
+    """A state to continue from, loaded: a finetune checkpoint, or a stored stage-1 constant phase
+    (``meta["step"]``: the optimizer steps it holds)."""
 
     model_state: dict[str, Any]
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
     meta: dict[str, Any]
     scaler_state: dict[str, Any] | None = None  # fp16 only
+    rng: torch.Tensor | None = None  # torch's CPU generator (a stage-1 phase ending mid-epoch)
 
 
 def load_resume(checkpoint: Any) -> Resume | None:

@@ -196,7 +196,7 @@ def _print_summary(summary: dict, experiment_path: str) -> None:
     if reuse.get("continued"):
         tree = (
             f" ({reuse['continued']} continued a stored constant phase, "
-            f"{reuse['epochs_continued']} epoch(s) not retrained)"
+            f"{reuse['epochs_continued']:.3g} epoch(s) not retrained)"
         )
     print(
         f"stage 1: {reuse['misses']} computed{tree}, {reuse['hits']} reused{scratch} "

@@ -111,6 +111,10 @@ class ModelConfig(_Section):
         return name
 
 
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
 class StageConfig(_Section):
     """Optimiser settings shared by both stages (SGD with Nesterov momentum)."""
 
@@ -133,8 +137,9 @@ class StageConfig(_Section):
         default=0.25,
         gt=0.0,
         le=1.0,
-        description="For schedule: wsd (warmup-stable-decay): the share of the epochs (at least "
-        "one) over which the learning rate decays linearly to 0; before it, it stays constant.",
+        description="For schedule: wsd (warmup-stable-decay): the share of the steps (at least "
+        "one) over which the learning rate decays linearly to 0, step by step; before it, it "
+        "stays constant.",
     )
     augment: bool = Field(
         default=False,
@@ -142,24 +147,41 @@ class StageConfig(_Section):
         "(reflection-padded) and a random horizontal flip.",
     )
 
-    @property
-    def decay_epochs(self) -> int:
-        """For ``wsd``: the final epochs whose learning rate decays (at least one)."""
-        return max(1, math.floor(self.epochs * self.decay_fraction + 0.5))
+    def wsd_steps(self, steps_per_epoch: int) -> tuple[int, int, int]:
+        """For ``wsd``: ``(warmup, constant, total)`` optimizer steps of a stage whose epochs take
+        ``steps_per_epoch`` steps. The stage trains ``round(epochs * steps_per_epoch)`` steps (at
+        least one); the last ``decay_fraction`` of them (at least one) decay, and the warmup
+        steps are the first of the constant ones, which a longer budget shares."""
+        total = max(1, _round_half_up(self.epochs * steps_per_epoch))
+        decay = min(total, max(1, _round_half_up(total * self.decay_fraction)))
+        constant = total - decay
+        return min(constant, _round_half_up(self.warmup_epochs * steps_per_epoch)), constant, total
 
     @property
-    def constant_epochs(self) -> int:
-        """The epochs before the decay, whose learning rate is constant (``wsd`` only; 0 for the
-        other schedules): a longer run with the same settings starts with the same ones."""
-        return self.epochs - self.decay_epochs if self.schedule == "wsd" else 0
+    def constant_epochs(self) -> float:
+        """``wsd``: the epochs before the decay, at a constant rate, which a longer run with the
+        same settings starts with (to within a step's rounding: :meth:`wsd_steps` is exact);
+        0 for the other schedules."""
+        return self.epochs * (1.0 - self.decay_fraction) if self.schedule == "wsd" else 0.0
+
+    @field_validator("epochs", mode="after")
+    @classmethod
+    def _whole_as_int(cls, epochs: float) -> float:
+        # 2.0 and 2 are one budget (and one stage-1 cache key).
+        return int(epochs) if float(epochs).is_integer() else epochs
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> StageConfig:
         if self.schedule == "wsd" and self.warmup_epochs > self.constant_epochs:
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs} does not fit before the decay: {self.epochs} "
-                f"epochs with decay_fraction={self.decay_fraction} leave {self.constant_epochs} "
+                f"epochs with decay_fraction={self.decay_fraction} leave {self.constant_epochs:g} "
                 "constant epoch(s); lower warmup_epochs or decay_fraction, or raise epochs"
+            )
+        if not isinstance(self.epochs, int) and self.schedule != "wsd":
+            raise ValueError(
+                f"epochs={self.epochs} is not a whole number: only schedule: wsd steps its "
+                "learning rate per step, so only it can end mid-epoch"
             )
         return self
 
@@ -172,6 +194,14 @@ class StageConfig(_Section):
 
 class PretrainConfig(StageConfig):
     """Stage 1: pretrain backbone, fusion and the source head on the source dataset."""
+
+    epochs: int | float = Field(
+        default=2,
+        gt=0,
+        le=10_000,
+        description="With schedule: wsd a fraction is allowed (e.g. 0.25: a quarter of an "
+        "epoch, the short budget of a two-axis search).",
+    )
 
 
 class FinetuneConfig(StageConfig):
@@ -328,7 +358,10 @@ class TrialConfig(_Section):
         if self.stage1.schedule != "wsd":
             for wsd_only in ("decay_fraction", "warmup_epochs"):
                 stage1.pop(wsd_only)  # only wsd reads them: other keys stay as they were
-        return self._stage1_hash(source_fingerprint, 1, stage1)
+        # wsd's version 2: its rate changes per step (version 1 changed it per epoch).
+        return self._stage1_hash(
+            source_fingerprint, 2 if self.stage1.schedule == "wsd" else 1, stage1
+        )
 
     def stage1_tree_key(self, source_fingerprint: str) -> str | None:
         """Hash of what changes stage 1's constant phase (``schedule: wsd``), or None.
@@ -342,7 +375,7 @@ class TrialConfig(_Section):
         stage1 = self.stage1.model_dump(mode="json")
         for budget_only in ("epochs", "decay_fraction", "step_epochs", "step_gamma"):
             stage1.pop(budget_only)
-        return self._stage1_hash(source_fingerprint, "tree-1", stage1)
+        return self._stage1_hash(source_fingerprint, "tree-2", stage1)  # phases end at a step
 
     def _stage1_hash(self, source_fingerprint: str, version: Any, stage1: dict[str, Any]) -> str:
         part = {

@@ -465,7 +465,7 @@ def stage1_reuse(results: tune.ResultGrid) -> dict[str, float]:
         "misses": modes.count("computed"),
         "scratch": modes.count("scratch"),
         "continued": len(continued),
-        "epochs_continued": int(sum(m[STAGE1_REUSED_EPOCHS] for m in continued)),
+        "epochs_continued": sum(m[STAGE1_REUSED_EPOCHS] for m in continued),
         "seconds_saved": float(saved),
     }
 

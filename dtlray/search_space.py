@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dtlray.config import TrialConfig, format_validation_error, valid_keys
 from dtlray.errors import DtlrayError
@@ -155,9 +162,10 @@ class SchedulerConfig(_Strict):
         "(a first rung at 1 epoch cuts slow starters that would have won).",
     )
     reduction_factor: float = Field(default=2.0, gt=1.0)
-    stage1_budgets: list[int] | None = Field(
+    stage1_budgets: list[int | float] | None = Field(
         default=None,
-        description="two_axis: the stage-1 budgets (stage1.epochs), increasing; a budget's top "
+        description="two_axis: the stage-1 budgets (stage1.epochs, fractions allowed: 0.25 is a "
+        "quarter of an epoch), increasing; a budget's top "
         "1/reduction_factor (on target val acc after a grace_period finetune) go on to the next.",
     )
     logme_quantile: float | None = Field(
@@ -174,6 +182,14 @@ class SchedulerConfig(_Strict):
         ge=2,
         description="logme_quantile: distinct stage-1 configurations scored before it stops any.",
     )
+
+    @field_validator("stage1_budgets", mode="after")
+    @classmethod
+    def _whole_budgets_as_int(cls, budgets: list[float] | None) -> list[float] | None:
+        # 2.0 and 2 are one budget, as stage1.epochs has it.
+        if budgets is None:
+            return None
+        return [int(b) if float(b).is_integer() else b for b in budgets]
 
 
 class ObjectiveConfig(_Strict):
@@ -245,7 +261,7 @@ class SearchSpace(_Strict):
         if budgets is None or len(budgets) < 2 or sorted(set(budgets)) != budgets:
             raise ValueError(
                 "scheduler two_axis needs stage1_budgets: at least two increasing stage1.epochs "
-                f"values (e.g. [2, 4, 8]), got {budgets}"
+                f"values (e.g. [0.25, 1, 2]), got {budgets}"
             )
         for key in TWO_AXIS_KEYS:
             if key in self.search:

@@ -1,7 +1,7 @@
 """Stage-1 results stored under the storage path, keyed by a hash of what changes them.
 
 Layout: ``<storage_path>/_stage1/<key>/{trunk.pt, record.json}``, and for ``schedule: wsd`` the
-stage tree: ``<storage_path>/_stage1/tree-<tree key>/constant-<epochs>/{trunk.pt, record.json}``,
+stage tree: ``<storage_path>/_stage1/tree-<tree key>/constant-<steps>/{trunk.pt, record.json}``,
 the full training state at the end of a constant phase, which a longer budget continues.
 ``record.json`` is written last and is the completion marker: a directory without it is never
 read as a result, so a trial that dies mid-write leaves nothing that looks whole. Paths may be
@@ -90,14 +90,22 @@ class ConstantPhase:
     """A stored end of a stage-1 constant phase: what a longer budget continues from.
 
     Attributes:
-        epochs: constant-rate epochs it holds.
+        steps: constant-rate optimizer steps it holds (it may end mid-epoch).
+        steps_per_epoch: the steps of one of its epochs (a run with other shard sizes or batch
+            size cannot continue it).
         seconds: what computing them cost, in total (over every run that extended them).
         path: where it is stored.
     """
 
-    epochs: int
+    steps: int
+    steps_per_epoch: int
     seconds: float
     path: str
+
+    @property
+    def epochs(self) -> float:
+        """The epochs it holds (a fraction when it ends mid-epoch)."""
+        return self.steps / self.steps_per_epoch
 
 
 def tree_dir(storage_path: str, tree_key: str) -> str:
@@ -105,14 +113,20 @@ def tree_dir(storage_path: str, tree_key: str) -> str:
     return f"{stage1_cache_root(storage_path)}/tree-{tree_key}"
 
 
-def save_constant_phase(tree: str, epochs: int, state: dict[str, Any], seconds: float) -> None:
-    """Store the model, optimizer and schedule state after ``epochs`` constant-rate epochs."""
-    record = {"epochs": epochs, "seconds": seconds}
-    _save_whole(f"{tree}/{_CONSTANT_PREFIX}{epochs:05d}", state, json.dumps(record))
+def save_constant_phase(
+    tree: str, steps: int, steps_per_epoch: int, state: dict[str, Any], seconds: float
+) -> None:
+    """Store the model, optimizer, schedule and RNG state after ``steps`` constant-rate steps."""
+    record = {"steps": steps, "steps_per_epoch": steps_per_epoch, "seconds": seconds}
+    _save_whole(f"{tree}/{_CONSTANT_PREFIX}{steps:09d}", state, json.dumps(record))
 
 
-def longest_constant_phase(tree: str, at_most: int) -> ConstantPhase | None:
-    """The stored constant phase with the most epochs, up to ``at_most``; None if none is."""
+def longest_constant_phase(
+    tree: str, at_most: int, steps_per_epoch: int, whole_epochs: bool = False
+) -> ConstantPhase | None:
+    """The stored constant phase with the most steps, up to ``at_most``, of epochs of
+    ``steps_per_epoch`` steps (and, with ``whole_epochs``, ending at an epoch's end); None if
+    none is."""
     fs, root = filesystem(tree)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return None
@@ -121,19 +135,24 @@ def longest_constant_phase(tree: str, at_most: int) -> ConstantPhase | None:
         name = info.base_name
         if not name.startswith(_CONSTANT_PREFIX) or not name[len(_CONSTANT_PREFIX) :].isdigit():
             continue
-        epochs = int(name[len(_CONSTANT_PREFIX) :])
-        if epochs > at_most or (best is not None and epochs <= best.epochs):
+        steps = int(name[len(_CONSTANT_PREFIX) :])
+        if steps > at_most or (best is not None and steps <= best.steps):
+            continue
+        if whole_epochs and steps % steps_per_epoch:
             continue
         if not has_stage1(f"{tree}/{name}"):  # its record is missing: not (yet) whole
             continue
         with fs.open_input_stream(f"{root}/{name}/{RECORD_FILE}") as f:
             record = json.loads(f.read())
-        best = ConstantPhase(epochs, float(record["seconds"]), f"{tree}/{name}")
+        if record["steps_per_epoch"] != steps_per_epoch:
+            continue
+        best = ConstantPhase(steps, steps_per_epoch, float(record["seconds"]), f"{tree}/{name}")
     return best
 
 
 def load_constant_phase(phase: ConstantPhase) -> dict[str, Any]:
-    """The stored state (``weights_only=True``): ``model``, ``optimizer``, ``scheduler``."""
+    """The stored state (``weights_only=True``): ``model``, ``optimizer``, ``scheduler``,
+    ``rng`` (torch's CPU generator state at that step)."""
     fs, root = filesystem(phase.path)
     with fs.open_input_stream(f"{root}/{TRUNK_FILE}") as f:
         return torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")

@@ -18,6 +18,7 @@ Correctness under DDP:
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -72,6 +73,7 @@ from dtlray.worker import (
     WorkerPlan,
     WorkerSession,
     agree_on_sizes,
+    epoch_steps,
     follow_loan,
     model_input,
     read_shard,
@@ -252,25 +254,26 @@ def _run_or_load_stage1(
     pretrain = pretrain_stage(cfg, plan.datasets)
     model.reset_heads(pretrain.heads)
     model.to(env.device)
-    resume, reused, before = _stage1_tree_start(cfg, plan, env)
+    train_data = {t.name: train_source(t, plan.stream_rows, env) for t in pretrain.tasks}
+    per_epoch = epoch_steps(pretrain, train_data)
+    streamed = any(isinstance(split, StreamingSplit) for split in train_data.values())
+    resume, reused, before = _stage1_tree_start(cfg, plan, env, per_epoch, streamed)
     if resume is not None:
         model.load_state_dict(resume.model_state)  # run_stage continues its optimizer
 
-    def store_constant_phase(epoch: int, _: dict[str, Any], state: Callable[[], dict]) -> None:
+    def store_constant_phase(steps: int, state: Callable[[], dict]) -> None:
         # The end of the constant phase is what a longer budget of this configuration continues.
-        done = epoch + 1
-        if plan.stage1_tree_dir and done == cfg.stage1.constant_epochs and done > reused:
-            if env.rank == 0:
-                seconds = before + time.perf_counter() - start
-                save_constant_phase(plan.stage1_tree_dir, done, state(), seconds)
+        if plan.stage1_tree_dir and env.rank == 0:
+            seconds = before + time.perf_counter() - start
+            save_constant_phase(plan.stage1_tree_dir, steps, per_epoch, state(), seconds)
 
     final = run_stage(
         pretrain,
         model,
         env,
-        stream_rows=plan.stream_rows,
+        train_data=train_data,
         resume=resume,
-        on_epoch_end=store_constant_phase if plan.stage1_tree_dir else None,
+        on_constant_end=store_constant_phase if plan.stage1_tree_dir else None,
     )
     seconds = time.perf_counter() - start
     source_val_acc = final[f"{pretrain.tasks[0].name}/val_acc"]
@@ -287,30 +290,29 @@ def _run_or_load_stage1(
 
 
 def _stage1_tree_start(
-    cfg: TrialConfig, plan: WorkerPlan, env: WorkerEnv
-) -> tuple[Resume | None, int, float]:
+    cfg: TrialConfig, plan: WorkerPlan, env: WorkerEnv, per_epoch: int, streamed: bool
+) -> tuple[Resume | None, float, float]:
     """Where a computed stage 1 starts: the longest stored constant phase of its configuration
-    that fits its own (the stage tree), else epoch 0.
+    that fits its own (the stage tree), else step 0. A streamed source reads whole passes, so it
+    continues only a phase that ends at an epoch's end.
 
     Returns:
-        ``(resume, reused_epochs, their compute seconds)``; ``(None, 0, 0.0)`` from scratch.
+        ``(resume, reused_epochs, their compute seconds)``; ``(None, 0.0, 0.0)`` from scratch.
     """
-    if not plan.stage1_tree_dir or cfg.stage1.constant_epochs == 0:
-        return None, 0, 0.0
-    phase = longest_constant_phase(plan.stage1_tree_dir, cfg.stage1.constant_epochs)
+    if not plan.stage1_tree_dir:
+        return None, 0.0, 0.0
+    _, constant, _ = cfg.stage1.wsd_steps(per_epoch)
+    phase = longest_constant_phase(plan.stage1_tree_dir, constant, per_epoch, streamed)
     if phase is None:
-        return None, 0, 0.0
+        return None, 0.0, 0.0
     state = load_constant_phase(phase)
     env.log(
-        f"[dtlray] stage 1 continues a stored constant phase: {phase.epochs} of "
+        f"[dtlray] stage 1 continues a stored constant phase: {phase.epochs:.3g} of "
         f"{cfg.stage1.epochs} epochs reused"
     )
-    meta = {"epoch": phase.epochs - 1}
-    return (
-        Resume(state["model"], state["optimizer"], state["scheduler"], meta),
-        phase.epochs,
-        phase.seconds,
-    )
+    meta = {"step": phase.steps}
+    resume = Resume(state["model"], state["optimizer"], state["scheduler"], meta, rng=state["rng"])
+    return resume, phase.epochs, phase.seconds
 
 
 @torch.inference_mode()
@@ -354,10 +356,15 @@ def run_stage(
     train_data: Mapping[str, InMemorySplit | StreamingSplit] | None = None,
     resume: Resume | None = None,
     on_epoch_end: Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
+    on_constant_end: Callable[[int, Callable[[], dict[str, Any]]], None] | None = None,
     run_test: bool = False,
     test_every_epoch: bool = False,
 ) -> dict[str, float]:
     """Train ``model`` through one stage; return the last epoch's metrics (per task too).
+
+    A ``schedule: wsd`` stage trains ``round(epochs * steps per epoch)`` steps and steps its
+    learning rate per step, so its budget (and its constant phase) may end mid-epoch; the last
+    epoch is then a part of one, validated like a whole one.
 
     Args:
         spec: the stage.
@@ -367,9 +374,11 @@ def run_stage(
             the rows of each whole dataset (:attr:`~dtlray.worker.WorkerPlan.stream_rows`).
         train_data: the stage's train splits, when the caller read them already (then
             ``stream_rows`` is not used).
-        resume: a finetune checkpoint to continue from.
+        resume: a finetune checkpoint, or a stored constant phase, to continue from.
         on_epoch_end: called as ``(epoch, metrics, state)`` after every epoch; ``state()``
             builds the checkpoint state, only when one is written.
+        on_constant_end: ``wsd`` only: called as ``(steps, state)`` right after the constant
+            phase's last step, if this run trained it (``state()`` adds the RNG state).
         run_test: evaluate the test splits after the last epoch.
         test_every_epoch: with ``run_test``, after every epoch.
     """
@@ -382,30 +391,49 @@ def run_stage(
         env.log(f"[dtlray] {spec.name} streams from Ray Data every epoch, per worker: {shown}")
     assert env.session is not None
     val_data = {t.name: read_shard(env.session.dataset(t.val_key), t.meta) for t in spec.tasks}
+    per_epoch = epoch_steps(spec, train_data)
+    per_step = spec.optim.schedule == "wsd"
+    if per_step:
+        _, constant, total = spec.optim.wsd_steps(per_epoch)
+    else:
+        constant, total = 0, int(spec.optim.epochs) * per_epoch
+    assert not (streamed and total % per_epoch), "plan_trial refuses a streamed part-epoch"
     optimizer = build_optimizer(model, spec)
-    scheduler = build_scheduler(optimizer, spec.optim)
+    scheduler = build_scheduler(optimizer, spec.optim, per_epoch)
     # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
     if scaler is not None and resume is not None and resume.scaler_state is not None:
         scaler.load_state_dict(resume.scaler_state)
-    start_epoch = 0
+    start = 0  # optimizer steps already taken
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer_state)
         scheduler.load_state_dict(resume.scheduler_state)
-        start_epoch = int(resume.meta["epoch"]) + 1
+        meta = resume.meta
+        start = int(meta["step"]) if "step" in meta else (int(meta["epoch"]) + 1) * per_epoch
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            # wsd: the rate of the epoch it resumes at under *this* run's budget -- a stage-1
+            # wsd: the rate of the step it resumes at under *this* run's budget -- a stage-1
             # budget continuing a shorter one's constant phase decays on its own schedule.
             groups = optimizer.param_groups
             rates = zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
             for group, base, factor in rates:
-                group["lr"] = base * factor(start_epoch)
+                group["lr"] = base * factor(start)
+
+    def state() -> dict[str, Any]:
+        saved = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        if scaler is not None:
+            saved["scaler"] = scaler.state_dict()
+        return saved
 
     metrics: dict[str, float] = {}
     test_data: dict[str, InMemorySplit] | None = None
     wrapped_for: bool | None = None
     wrapped: nn.Module = model
-    for epoch in range(start_epoch, spec.optim.epochs):
+    epochs = math.ceil(total / per_epoch)
+    for epoch in range(start // per_epoch, epochs):
         frozen = epoch < spec.freeze_backbone_epochs
         if frozen != wrapped_for:
             # DDP registers the parameters that need grads when it is built, so freezing or
@@ -417,10 +445,31 @@ def run_stage(
         # a stage-1 budget continuing a stored constant phase, trains as one that never stopped.
         stage_offset = 0 if spec.name == "pretrain" else 500_009
         torch.manual_seed(env.seed * 1_000_003 + stage_offset + epoch * 101 + env.rank)
+        first = max(0, start - epoch * per_epoch)
+        if first and resume is not None and resume.rng is not None:
+            torch.set_rng_state(resume.rng)  # mid-epoch: where the stored run's generator was
+
+        def after_step(step: int, done_before: int = epoch * per_epoch) -> None:
+            done = done_before + step + 1
+            if per_step:
+                scheduler.step()
+            if on_constant_end is not None and done == constant and done > start:
+                on_constant_end(done, lambda: {**state(), "rng": torch.get_rng_state()})
+
         train_stats = train_one_epoch(
-            wrapped, model, spec, train_data, optimizer, epoch, env, scaler=scaler
+            wrapped,
+            model,
+            spec,
+            train_data,
+            optimizer,
+            epoch,
+            env,
+            scaler=scaler,
+            steps=(first, min(per_epoch, total - epoch * per_epoch)),
+            after_step=after_step,
         )
-        scheduler.step()
+        if not per_step:
+            scheduler.step()
         val = evaluate(model, spec.tasks, val_data, env)
         for task, (_, loss) in val.items():
             if not math.isfinite(loss):  # the weights blew up although each step's loss did not
@@ -428,7 +477,7 @@ def run_stage(
                 raise Diverged(spec.name, epoch + 1, where, loss, spec.optim.lr)
         metrics = _stage_metrics(spec, train_stats, val, "val")
         metrics["epoch"] = epoch + 1
-        last = epoch == spec.optim.epochs - 1
+        last = epoch == epochs - 1
         if run_test and (last or test_every_epoch):
             if test_data is None:
                 test_data = {
@@ -442,19 +491,8 @@ def run_stage(
             shown = ", ".join(
                 f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("acc") or "loss" in k
             )
-            env.log(f"[dtlray] {spec.name} epoch {epoch + 1}/{spec.optim.epochs}: {shown}")
+            env.log(f"[dtlray] {spec.name} epoch {epoch + 1}/{epochs}: {shown}")
         if on_epoch_end is not None:
-
-            def state() -> dict[str, Any]:
-                saved = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                }
-                if scaler is not None:
-                    saved["scaler"] = scaler.state_dict()
-                return saved
-
             on_epoch_end(epoch, metrics, state)
     _set_backbone_frozen(model, False)
     return metrics
@@ -501,22 +539,24 @@ def build_optimizer(model: TransferModel, spec: StageSpec) -> torch.optim.SGD:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: StageConfig
+    optimizer: torch.optim.Optimizer, optim: StageConfig, steps_per_epoch: int = 1
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The per-epoch learning-rate schedule of a stage."""
+    """The learning-rate schedule of a stage: stepped per epoch, but ``wsd``'s per optimizer
+    step (its epochs take ``steps_per_epoch`` steps)."""
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
     if optim.schedule == "wsd":
-        warmup, constant, decay = optim.warmup_epochs, optim.constant_epochs, optim.decay_epochs
+        warmup, constant, total = optim.wsd_steps(steps_per_epoch)
+        decay = total - constant
 
-        def factor(epoch: int) -> float:
-            # A linear warmup, constant, then a linear decay to 0 over the last epochs; each
-            # epoch runs at the line's value at its midpoint (one decay epoch: half the rate).
-            if epoch < warmup:
-                return (epoch + 0.5) / warmup
-            if epoch < constant:
+        def factor(step: int) -> float:
+            # A linear warmup, constant, then a linear decay to 0 over the last steps; each
+            # step runs at the line's value at its midpoint (one decay step: half the rate).
+            if step < warmup:
+                return (step + 0.5) / warmup
+            if step < constant:
                 return 1.0
-            return max(0.0, 1.0 - (epoch - constant + 0.5) / decay)
+            return max(0.0, 1.0 - (step - constant + 0.5) / decay)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if optim.schedule == "step":
@@ -545,9 +585,18 @@ def train_one_epoch(
     epoch: int,
     env: WorkerEnv,
     scaler: torch.amp.GradScaler | None = None,
+    steps: tuple[int, int | None] = (0, None),
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the stage's train data, in ``env``'s precision; returns loss and global
-    samples/s. ``scaler``: fp16's gradient scaler."""
+    samples/s.
+
+    Args:
+        scaler: fp16's gradient scaler.
+        steps: ``(first, stop)``: train only these of the epoch's steps (a stage-1 budget that
+            starts or ends mid-epoch); the epoch's batches are the same whichever are trained.
+        after_step: called with each step's index in the epoch after its optimizer step.
+    """
     model.train()
     if epoch < spec.freeze_backbone_epochs:
         model.backbone.eval()  # frozen means frozen: BN running stats stay as stage 1 left them
@@ -557,7 +606,9 @@ def train_one_epoch(
     # The first step whose loss is not finite, tracked on the device (no host sync per step).
     no_step = torch.iinfo(torch.int64).max
     first_bad = torch.full((), no_step, dtype=torch.int64, device=env.device)
-    for step, batches in enumerate(step_batches(spec, data, epoch, env)):
+    first, stop = steps
+    batches_of = itertools.islice(step_batches(spec, data, epoch, env), first, stop)
+    for step, batches in enumerate(batches_of, start=first):
         follow_loan(env)
         # Tasks are stored at their own sizes; each is resized to the model input, then joined.
         x = torch.cat([model_input(b[1], env, spec.optim.augment) for b in batches])
@@ -581,6 +632,8 @@ def train_one_epoch(
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
             scaler.update()
+        if after_step is not None:
+            after_step(step)
         loss_sum += loss.detach() * offset
         seen += offset
     elapsed = time.perf_counter() - start

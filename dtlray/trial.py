@@ -146,7 +146,8 @@ def plan_trial(
         checkpoint_epochs: finetune epochs that must write a checkpoint (a scheduler's rungs).
 
     Raises:
-        DtlrayError: a dataset is not prepared.
+        DtlrayError: a dataset is not prepared, or a streamed source's stage-1 budget ends
+            mid-epoch.
     """
     quiet_ray_data()
     root = cfg.data.root
@@ -166,6 +167,14 @@ def plan_trial(
     splits = train_splits(cfg, source=mode == "compute")
     streams = stream_rows(cfg, splits)
     assert not (in_process and streams), "runs_in_trial keeps a trial that streams out"
+    source_key = dataset_key("pretrain", cfg.data.source, "train")
+    if source_key in streams and not isinstance(cfg.stage1.epochs, int):
+        raise DtlrayError(
+            f"stage1.epochs={cfg.stage1.epochs} ends mid-epoch, but the source "
+            f"{cfg.data.source!r} streams (its train shard per worker is over "
+            f"data.in_memory_max_mb={cfg.data.in_memory_max_mb}) and a stream is read in whole "
+            "passes: use a whole number of stage-1 epochs, or raise data.in_memory_max_mb"
+        )
     read = {
         "in_process": in_process,
         "image_size": cfg.data.image_size,  # encoded images are decoded to it ahead of the workers

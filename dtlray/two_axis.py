@@ -50,7 +50,7 @@ class TwoAxisSearch(SearcherWrapper):
         self,
         searcher: Searcher,
         *,
-        budgets: list[int],
+        budgets: list[float],
         reduction_factor: float,
         short_epochs: int,
         full_epochs: int,

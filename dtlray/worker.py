@@ -111,7 +111,7 @@ class Stage1Outcome:
     source_val_acc: float | None
     seconds: float
     compute_seconds: float
-    reused_epochs: int = 0
+    reused_epochs: float = 0  # a fraction when a stored constant phase ended mid-epoch
     logme: dict[str, float] = field(default_factory=dict)  # target/<task>/logme of the trunk
 
     def metrics(self) -> dict[str, Any]:
@@ -330,6 +330,13 @@ def chunk_sizes(rows: int, steps: int) -> list[int]:
     return [base + 1] * extra + [base] * (steps - extra)
 
 
+def epoch_steps(spec: StageSpec, data: Mapping[str, InMemorySplit | StreamingSplit]) -> int:
+    """The optimizer steps of one epoch over ``data`` (the same on every rank)."""
+    # Floor, so every step has at least batch_size rows: BatchNorm in training mode cannot
+    # normalise a batch of one, and a tiny last step would be a noisy update anyway.
+    return max(1, sum(len(data[t.name]) for t in spec.tasks) // spec.optim.batch_size)
+
+
 def step_batches(
     spec: StageSpec,
     data: Mapping[str, InMemorySplit | StreamingSplit],
@@ -347,10 +354,7 @@ def step_batches(
     rows (a streamed one is read into memory for the epoch first: it is that small).
     """
     batch_size = spec.optim.batch_size
-    sizes = {t.name: len(data[t.name]) for t in spec.tasks}
-    # Floor, so every step has at least batch_size rows: BatchNorm in training mode cannot
-    # normalise a batch of one, and a tiny last step would be a noisy update anyway.
-    steps = max(1, sum(sizes.values()) // batch_size)
+    steps = epoch_steps(spec, data)
     seed = env.seed * 1_000_003 + epoch * 101 + env.rank
     generator = torch.Generator().manual_seed(seed)
     chunks: dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -114,10 +114,11 @@ class TrialRecord:
         return "computed" if (finite(last.get("stage1/compute_seconds")) or 0.0) > 0 else "scratch"
 
     @property
-    def stage1_reused_epochs(self) -> int:
-        """Stage-1 epochs a stored result covered (0 when the trial did not report it)."""
+    def stage1_reused_epochs(self) -> float:
+        """Stage-1 epochs a stored result covered (0 when the trial did not report it; a
+        fraction when a stored constant phase ended mid-epoch)."""
         last = self.history[-1] if self.history else {}
-        return int(finite(last.get(STAGE1_REUSED_EPOCHS)) or 0)
+        return float(finite(last.get(STAGE1_REUSED_EPOCHS)) or 0)
 
     @property
     def stage1_seconds(self) -> float:

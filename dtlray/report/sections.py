@@ -413,7 +413,7 @@ def _stage1_section(exp: Experiment, out: Path) -> list[Block]:
         text += (
             f"; {summary.continued} of the pretraining trial(s) continued a stored constant "
             f"phase of their configuration (`stage1.schedule: wsd`, the stage tree) instead of "
-            f"starting over, skipping {summary.epochs_continued} stage-1 epoch(s)"
+            f"starting over, skipping {summary.epochs_continued:.3g} stage-1 epoch(s)"
         )
     if summary.not_used:
         text += f"; {summary.not_used} trained from scratch"

@@ -29,7 +29,7 @@ class Stage1Summary:
     seconds_spent: float  # pretraining the computed ones cost
     seconds_saved: float  # pretraining the reused ones (and the continued epochs) would have cost
     continued: int = 0  # computed ones that continued a stored constant phase (the stage tree)
-    epochs_continued: int = 0  # the stage-1 epochs those did not train again
+    epochs_continued: float = 0  # the stage-1 epochs those did not train again
 
 
 def stage1_summary(trials: Sequence[TrialRecord]) -> Stage1Summary:

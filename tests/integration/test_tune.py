@@ -57,7 +57,8 @@ def test_search_shares_stage1_and_every_trial_reports(
     # Four trials, one stage-1 config: pretrained exactly once (counted, not timed).
     misses = [r for r in results if not r.metrics["stage1/cache_hit"]]
     assert len(misses) == 1
-    assert len(list((tmp_path / CACHE_DIR).iterdir())) == 1
+    stored = sorted(p.name for p in (tmp_path / CACHE_DIR).iterdir())
+    assert len(stored) == 2 and stored[1].startswith("tree-")  # the result, its constant phase
     # Optuna proposed the 4 configurations (the first is the space's defaults).
     lrs = {round(r.config["stage2.lr"], 6) for r in results}
     assert len(lrs) == 4 and 0.01 in lrs
@@ -77,7 +78,7 @@ def test_search_shares_stage1_and_every_trial_reports(
         "hits": 3,
         "misses": 1,
         "scratch": 0,
-        "continued": 0,  # tiny.yaml's 1-epoch wsd stage 1 has no constant phase to continue
+        "continued": 0,  # one stage-1 budget: its stored constant phase has no longer one
         "epochs_continued": 0,
         "seconds_saved": pytest.approx(3 * spent),
     }
@@ -208,7 +209,8 @@ def test_two_axis_search_promotes_the_best_and_writes_best_json(
         "model.fusion_depth": {"type": "int", "low": 0, "high": 1},
         "stage2.lr": {"type": "float", "low": 0.003, "high": 0.1, "log": True},
     }
-    raw["scheduler"] = {"type": "two_axis", "stage1_budgets": [2, 3], "grace_period": 1}
+    # Half an epoch of the 1,024 source rows (8 steps of 64, constant 6), then a whole one.
+    raw["scheduler"] = {"type": "two_axis", "stage1_budgets": [0.5, 1], "grace_period": 1}
     raw["num_samples"] = 5
     raw["max_concurrent_trials"] = 2
     space = _checked_space(raw, tmp_path, shows="two_axis")
@@ -216,8 +218,8 @@ def test_two_axis_search_promotes_the_best_and_writes_best_json(
     assert results.num_errors == 0, [r.error for r in results]
     assert len(results) == 5
     # New configurations at the small budget with a short finetune; the best went on.
-    small = [r for r in results if r.config["stage1.epochs"] == 2]
-    promoted = [r for r in results if r.config["stage1.epochs"] == 3]
+    small = [r for r in results if r.config["stage1.epochs"] == 0.5]
+    promoted = [r for r in results if r.config["stage1.epochs"] == 1]
     assert len(small) >= 3 and len(promoted) >= 1
     assert all(r.config["stage2.epochs"] == 1 for r in small)
     assert all(r.config["stage2.epochs"] == 2 for r in promoted)
@@ -225,8 +227,9 @@ def test_two_axis_search_promotes_the_best_and_writes_best_json(
     small_configs = [{k: r.config[k] for k in searched} for r in small]
     for r in promoted:
         assert {k: r.config[k] for k in searched} in small_configs
-        # Its stage 1 continued the constant phase the budget-2 run stored.
-        assert r.metrics["stage1/reused_epochs"] >= 1
+        # Its stage 1 continued the constant phase the half-epoch run stored, mid-epoch (or,
+        # when another promoted trial of its depth had finished it, reused that whole).
+        assert r.metrics["stage1/reused_epochs"] == (1 if r.metrics["stage1/cache_hit"] else 0.375)
     summary = summarize_best(results, space, results.experiment_path)
     best = json.loads((Path(results.experiment_path) / "best.json").read_text())
     assert best["config"]["stage1"]["epochs"] == best["searched"]["stage1.epochs"]

@@ -63,23 +63,43 @@ def run(cfg: TrialConfig, storage: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("epochs", "fraction", "factors"),
-    [(4, 0.25, [1, 1, 1, 0.5]), (8, 0.25, [1] * 6 + [0.75, 0.25]), (1, 0.25, [0.5])],
+    ("epochs", "per_epoch", "fraction", "factors"),
+    [
+        (4, 1, 0.25, [1, 1, 1, 0.5]),
+        (8, 1, 0.25, [1] * 6 + [0.75, 0.25]),
+        (1, 1, 0.25, [0.5]),
+        (2, 4, 0.25, [1] * 6 + [0.75, 0.25]),  # per step: the constant phase ends mid-epoch
+        (0.5, 4, 0.5, [1, 0.5]),  # half an epoch: 2 of its 4 steps
+        (0.75, 4, 0.25, [1, 1, 0.5]),
+    ],
 )
-def test_wsd_is_constant_then_decays_linearly(epochs: int, fraction: float, factors: list) -> None:
+def test_wsd_is_constant_then_decays_linearly_per_step(
+    epochs: float, per_epoch: int, fraction: float, factors: list
+) -> None:
     cfg = TrialConfig.from_flat(
         {"stage1.schedule": "wsd", "stage1.epochs": epochs, "stage1.decay_fraction": fraction}
     )
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=0.1)
-    scheduler = build_scheduler(optimizer, cfg.stage1)
+    scheduler = build_scheduler(optimizer, cfg.stage1, per_epoch)
+    warmup, constant, total = cfg.stage1.wsd_steps(per_epoch)
     seen = []
-    for _ in range(epochs):
+    for _ in range(total):
         seen.append(optimizer.param_groups[0]["lr"] / 0.1)
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx(factors)
-    assert cfg.stage1.constant_epochs == factors.count(1)
+    assert (warmup, constant) == (0, factors.count(1))
+
+
+def test_a_fractional_budget_needs_wsd_and_a_whole_one_is_an_int() -> None:
+    with pytest.raises(DtlrayError, match="epochs=0.5 is not a whole number: only schedule: wsd"):
+        TrialConfig.from_flat({"stage1.epochs": 0.5})  # cosine steps per epoch
+    whole = TrialConfig.from_flat({"stage1.schedule": "wsd", "stage1.epochs": 2.0})
+    assert type(whole.stage1.epochs) is int  # one budget, one cache key, whichever was written
+    assert whole.stage1_key("fp") == TrialConfig.from_flat(
+        {"stage1.schedule": "wsd", "stage1.epochs": 2}
+    ).stage1_key("fp")
 
 
 def test_wsd_warmup_rises_then_holds_and_must_fit_before_the_decay() -> None:
@@ -112,27 +132,33 @@ def test_budgets_share_a_key_without_the_budget_and_other_schedules_have_none() 
     assert TrialConfig().stage1_tree_key("fp") is None  # cosine: no run is a prefix of another
 
 
-def test_a_longer_budget_continues_the_stored_constant_phase(
+def test_a_longer_budget_continues_the_stored_constant_phase_even_mid_epoch(
     data_root: Path, tmp_path: Path
 ) -> None:
+    # 256 source rows at batch 64: 4 steps an epoch. Budget 0.5 is 2 steps, constant 1;
+    # budget 2 is 8 steps, constant 6; budget 3 is 12 steps, constant 9.
     shared, alone = tmp_path / "shared", tmp_path / "alone"
-    first = run(tiny(data_root, **{"stage1.epochs": 2}), shared)  # constant 1 + decay 1
+    first = run(tiny(data_root, **{"stage1.epochs": 0.5}), shared)
     assert first["stage1/mode"] == "computed" and first["stage1/reused_epochs"] == 0
     # The trunk's zero-training pre-rank of each target, in every finetune report.
     assert all(math.isfinite(first[f"target/{t}/logme"]) for t in ("digits", "faces"))
 
-    cfg = tiny(data_root, **{"stage1.epochs": 3})  # constant 2 + decay 1
+    cfg = tiny(data_root, **{"stage1.epochs": 3})
     source = ensure_dataset(cfg.data.source, cfg.data.root)
     tree = tree_dir(str(shared), cfg.stage1_tree_key(source.fingerprint))
-    assert longest_constant_phase(tree, at_most=2).epochs == 1
-    second = run(cfg, shared)
-    assert second["stage1/mode"] == "computed"
-    assert second["stage1/reused_epochs"] == 1  # trained epochs 2 and 3 only
-    assert longest_constant_phase(tree, at_most=2).epochs == 2  # and stored its own constant phase
-    # What it cost counts the reused epoch's compute too.
-    assert second["stage1/compute_seconds"] > second["stage1/seconds"]
+    assert longest_constant_phase(tree, at_most=9, steps_per_epoch=4).steps == 1
+    assert longest_constant_phase(tree, at_most=9, steps_per_epoch=8) is None  # other epochs
+    second = run(tiny(data_root, **{"stage1.epochs": 2}), shared)  # from step 1, mid-epoch 1
+    assert second["stage1/mode"] == "computed" and second["stage1/reused_epochs"] == 0.25
+    assert longest_constant_phase(tree, at_most=9, steps_per_epoch=4).steps == 6
+    third = run(cfg, shared)  # from step 6, mid-epoch 2
+    assert third["stage1/mode"] == "computed" and third["stage1/reused_epochs"] == 1.5
+    assert longest_constant_phase(tree, at_most=9, steps_per_epoch=4).steps == 9  # its own
+    # What it cost counts the reused steps' compute too.
+    assert third["stage1/compute_seconds"] > third["stage1/seconds"]
 
-    # Continuing is the same training as running the 3 epochs from scratch.
+    # Continuing is the same training as running the 3 epochs from scratch: the same batches
+    # (the rest of the epoch's permutation) and the same dropout draws.
     scratch = run(cfg, alone)
     assert scratch["stage1/reused_epochs"] == 0
     continued, _ = load_stage1(f"{shared}/_stage1/{cfg.stage1_key(source.fingerprint)}")
@@ -140,8 +166,16 @@ def test_a_longer_budget_continues_the_stored_constant_phase(
     assert continued.keys() == fresh.keys()
     for name in fresh:
         torch.testing.assert_close(continued[name], fresh[name], rtol=1e-4, atol=1e-5)
-    assert second["source/val_acc"] == pytest.approx(scratch["source/val_acc"], abs=1e-6)
+    assert third["source/val_acc"] == pytest.approx(scratch["source/val_acc"], abs=1e-6)
 
     # The whole 3-epoch result is stored now: the next trial reuses all of it.
-    third = run(cfg, shared)
-    assert third["stage1/mode"] == "reused" and third["stage1/reused_epochs"] == 3
+    again = run(cfg, shared)
+    assert again["stage1/mode"] == "reused" and again["stage1/reused_epochs"] == 3
+
+
+def test_a_streamed_source_refuses_a_budget_that_ends_mid_epoch(
+    data_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny(data_root, **{"stage1.epochs": 0.5, "data.in_memory_max_mb": 0})  # all stream
+    with pytest.raises(DtlrayError, match=r"stage1.epochs=0.5 ends mid-epoch, but the source"):
+        plan_trial(cfg, storage_path=str(tmp_path))
