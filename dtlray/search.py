@@ -69,11 +69,16 @@ def _finetune_scheduler(space: SearchSpace) -> TrialScheduler:
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
     if space.scheduler.type == "two_axis":  # its stage-1 axis is in its searcher
+        # A promoted configuration passed the grace-period rung already, on its short-budget
+        # finetune: its finetune is cut from the next rung on, not judged there twice.
+        first = space.grace_period * space.scheduler.reduction_factor
+        if first >= space.max_epochs:  # no rung left before the end
+            return FIFOScheduler()
         return TopBudgetASHA(
             short_epochs=space.grace_period,
             time_attr="training_iteration",
             max_t=space.max_epochs,
-            grace_period=space.grace_period,
+            grace_period=first,
             reduction_factor=space.scheduler.reduction_factor,
         )
     return ASHAScheduler(
@@ -85,11 +90,15 @@ def _finetune_scheduler(space: SearchSpace) -> TrialScheduler:
 
 
 class TopBudgetASHA(AsyncHyperBandScheduler):
-    """Two-axis's finetune axis: ASHA among the trials that run the full finetune only.
+    """Two-axis's finetune axis: ASHA among the trials that run the full finetune only, from
+    the rung after the grace period on.
 
     A trial below the largest stage-1 budget runs a short finetune that ends at ASHA's first
-    rung anyway, and its value there measures a shorter stage 1; letting it set the rung's
-    cutoff would stop the promoted configurations it is compared with.
+    rung, and the two-axis searcher promotes on its value there: that is the finetune axis's
+    first rung. Its value measures a shorter stage 1, so letting it set a later rung's cutoff
+    would stop the promoted configurations it is compared with; and cutting a promoted
+    configuration at the grace period again would judge it twice on the same rung, against
+    whichever promoted trial got there first.
     """
 
     def __init__(self, *, short_epochs: int, **kwargs: Any) -> None:

@@ -14,7 +14,8 @@ the first result came in, and promoted none). A promoted configuration's stage 1
 the constant phase its shorter run stored (``stage1.schedule: wsd``, the stage tree), so it
 trains only the extra epochs. The decision uses what matters: the target validation accuracy of
 a finetune, never the source accuracy. Only configurations at the largest budget finetune for
-the full ``stage2.epochs`` (where Tune's ASHA scheduler still stops poor ones early).
+the full ``stage2.epochs``, where Tune's ASHA scheduler still stops poor ones early from the
+rung after the grace period on (they passed that one at the smaller budget).
 
 Part of the search layer (:mod:`dtlray.search` builds it around the Optuna searcher, which
 proposes the new configurations and learns from their results at the smallest budget).

@@ -201,8 +201,22 @@ def test_finetune_asha_compares_full_finetunes_only() -> None:
         result = {"training_iteration": 1, "target/val_acc": 0.99}
         assert scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE
         scheduler.on_trial_complete(None, trial, result)
-    first = {"training_iteration": 1, "target/val_acc": 0.6}
+    # The grace-period rung was the promotion's: a full finetune is not judged there again.
+    for trial, value in zip(full, (0.6, 0.3), strict=True):
+        result = {"training_iteration": 1, "target/val_acc": value}
+        assert scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE
+    # Among full finetunes ASHA still stops the worse one, at the next rung (1 x 2 epochs).
+    first = {"training_iteration": 2, "target/val_acc": 0.6}
     assert scheduler.on_trial_result(None, full[0], first) == TrialScheduler.CONTINUE
-    # Among full finetunes ASHA still stops the worse one at the rung.
-    worse = {"training_iteration": 1, "target/val_acc": 0.3}
+    worse = {"training_iteration": 2, "target/val_acc": 0.3}
     assert scheduler.on_trial_result(None, full[1], worse) == TrialScheduler.STOP
+
+
+def test_with_no_rung_after_the_grace_period_full_finetunes_run_to_the_end() -> None:
+    from ray.tune.schedulers import FIFOScheduler
+
+    from dtlray.search import build_trial_scheduler
+
+    # Grace 3 x reduction 3 = 9 epochs: past the 4-epoch finetune, so nothing is left to cut.
+    raw = two_axis_raw(grace_period=3, reduction_factor=3)
+    assert type(build_trial_scheduler(parse_space(raw))) is FIFOScheduler
