@@ -446,8 +446,10 @@ def run_stage(
         stage_offset = 0 if spec.name == "pretrain" else 500_009
         torch.manual_seed(env.seed * 1_000_003 + stage_offset + epoch * 101 + env.rank)
         first = max(0, start - epoch * per_epoch)
-        if first and resume is not None and resume.rng is not None:
-            torch.set_rng_state(resume.rng)  # mid-epoch: where the stored run's generator was
+        if first and resume is not None and resume.rng is not None and env.world_size == 1:
+            # Mid-epoch: where the stored run's generator was. (Only rank 0's is stored: under
+            # DDP each rank keeps its own epoch seed, so the ranks' draws stay apart.)
+            torch.set_rng_state(resume.rng)
 
         def after_step(step: int, done_before: int = epoch * per_epoch) -> None:
             done = done_before + step + 1
