@@ -10,12 +10,12 @@ wall time, the best trial's val and test accuracy and the stage-1 epochs compute
     TWO-AXIS SPEEDUP default/two-axis = X (best val two-axis A vs default B: equal or better|worse)
 
 (goal >= 2 at equal or better best val acc). ``--pairs N`` repeats the pair N times, alternating
-which search goes first, and prints the median and the spread. A pair takes about 8 minutes on
+which search goes first, and prints the median and the spread. A pair takes about 10 minutes on
 2 idle cores; each finished search is kept under ``--work-dir``, so a rerun with the same
 directory skips the searches already done (an interrupted run continues).
 
-    .venv/bin/python bench/two_axis_real.py              # one pair, ~8 min
-    .venv/bin/python bench/two_axis_real.py --pairs 3    # ~25 min
+    .venv/bin/python bench/two_axis_real.py              # one pair, ~10 min
+    .venv/bin/python bench/two_axis_real.py --pairs 3    # ~30 min
 """
 
 from __future__ import annotations
