@@ -115,6 +115,11 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def whole_as_int(value: float) -> float:
+    """``2.0`` as ``2``: one stage-1 budget, one cache key, whichever way it was written."""
+    return int(value) if float(value).is_integer() else value
+
+
 class StageConfig(_Section):
     """Optimiser settings shared by both stages (SGD with Nesterov momentum)."""
 
@@ -167,8 +172,7 @@ class StageConfig(_Section):
     @field_validator("epochs", mode="after")
     @classmethod
     def _whole_as_int(cls, epochs: float) -> float:
-        # 2.0 and 2 are one budget (and one stage-1 cache key).
-        return int(epochs) if float(epochs).is_integer() else epochs
+        return whole_as_int(epochs)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> StageConfig:

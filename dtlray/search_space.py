@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from dtlray.config import TrialConfig, format_validation_error, valid_keys
+from dtlray.config import TrialConfig, format_validation_error, valid_keys, whole_as_int
 from dtlray.errors import DtlrayError
 
 if TYPE_CHECKING:
@@ -186,10 +186,7 @@ class SchedulerConfig(_Strict):
     @field_validator("stage1_budgets", mode="after")
     @classmethod
     def _whole_budgets_as_int(cls, budgets: list[float] | None) -> list[float] | None:
-        # 2.0 and 2 are one budget, as stage1.epochs has it.
-        if budgets is None:
-            return None
-        return [int(b) if float(b).is_integer() else b for b in budgets]
+        return None if budgets is None else [whole_as_int(b) for b in budgets]
 
 
 class ObjectiveConfig(_Strict):

@@ -468,7 +468,7 @@ def run_stage(
             env,
             scaler=scaler,
             steps=(first, min(per_epoch, total - epoch * per_epoch)),
-            after_step=after_step,
+            after_step=after_step if per_step or on_constant_end else None,
         )
         if not per_step:
             scheduler.step()
