@@ -48,6 +48,15 @@ class DataConfig(_Section):
     source_max_rows: int | None = Field(
         default=None, ge=1, description="Use only the first N source train rows (quick runs)."
     )
+    source_val_max_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Validate stage 1 on only the first N source val rows (the splits are "
+        "stored shuffled, so a random subset). Stage 1 validates every epoch, a forward pass a "
+        "row: on a short stage 1 a large source val split costs as much as the training. It "
+        "changes no weights, so it is not part of the stage-1 key: a stored stage 1 keeps the "
+        "source metrics it was validated with.",
+    )
     in_memory_max_mb: int = Field(
         default=2048,
         ge=0,

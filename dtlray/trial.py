@@ -190,7 +190,9 @@ def plan_trial(
                 infos[name], split, **read
             )
     if mode == "compute":
-        datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(source, "val", **read)
+        datasets[dataset_key("pretrain", source.name, "val")] = split_dataset(
+            source, "val", cfg.data.source_val_max_rows, **read
+        )
 
     plan = WorkerPlan(
         datasets=metas_for(infos, cfg.data.image_size),

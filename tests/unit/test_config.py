@@ -73,6 +73,9 @@ def test_stage1_key_ignores_stage2_and_tracks_stage1() -> None:
         {"data.source_max_rows": 100},
     ):
         assert TrialConfig.from_flat(change).stage1_key("fp") != base.stage1_key("fp"), change
+    # Validating on fewer source rows changes no weights: the same stored stage 1.
+    fewer = TrialConfig.from_flat({"data.source_val_max_rows": 100})
+    assert fewer.stage1_key("fp") == base.stage1_key("fp")
 
 
 def test_small_input_auto_follows_image_size() -> None:

@@ -173,6 +173,21 @@ def test_a_longer_budget_continues_the_stored_constant_phase_even_mid_epoch(
     assert again["stage1/mode"] == "reused" and again["stage1/reused_epochs"] == 3
 
 
+def test_stage1_validates_on_the_first_source_val_rows_asked_and_trains_the_same(
+    data_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny(data_root, **{"stage1.epochs": 0.5, "data.source_val_max_rows": 40})
+    trial = plan_trial(cfg, storage_path=str(tmp_path / "a"), run_test=False, in_process=True)
+    (val_key,) = [k for k in trial.datasets if k.startswith("pretrain") and k.endswith("val")]
+    assert trial.datasets[val_key].table.num_rows == 40
+    fewer = run(cfg, tmp_path / "a")
+    whole = run(tiny(data_root, **{"stage1.epochs": 0.5}), tmp_path / "b")
+    # Accuracy over 40 rows is a multiple of 1/40; the same weights finetune to the same result.
+    assert math.isclose(fewer["source/val_acc"] * 40, round(fewer["source/val_acc"] * 40))
+    assert fewer["target/val_acc"] == whole["target/val_acc"]
+    assert fewer["target/val_loss"] == whole["target/val_loss"]
+
+
 def test_a_streamed_source_refuses_a_budget_that_ends_mid_epoch(
     data_root: Path, tmp_path: Path
 ) -> None:
