@@ -16,6 +16,7 @@ directory skips the searches already done (an interrupted run continues).
 
     .venv/bin/python bench/two_axis_real.py              # one pair, ~10 min
     .venv/bin/python bench/two_axis_real.py --pairs 3    # ~30 min
+    .venv/bin/python bench/two_axis_real.py --pairs 3 --vary-seed   # seeds 0, 1, 2
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ SEARCHES = {
 }
 
 
-def run_search(name: str, space: Path, storage: Path) -> dict:
-    """One search from the CLI on its own storage; its wall and best trial (cached on disk)."""
+def run_search(name: str, space: Path, storage: Path, seed: int | None = None) -> dict:
+    """One search from the CLI on its own storage; its wall and best trial (cached on disk).
+    ``seed``: the trials' ``seed`` (weights, batches, dropout), else the space's."""
     done = storage / "bench.json"
-    if done.exists():
+    if done.exists() and json.loads(done.read_text()).get("seed") == seed:
         return json.loads(done.read_text())
     shutil.rmtree(storage, ignore_errors=True)  # a search interrupted mid-way starts over
     storage.mkdir(parents=True)
     load = os.getloadavg()[0]
     cmd = [sys.executable, "-m", "dtlray", "tune", str(space), "--storage-path", str(storage),
            "--name", name]  # fmt: skip
+    cmd += [] if seed is None else ["--set", f"seed={seed}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -64,6 +67,7 @@ def run_search(name: str, space: Path, storage: Path) -> dict:
             computed -= last.get("stage1/reused_epochs", 0)
     record = {
         "name": name,
+        "seed": seed,
         "wall_s": wall,
         "load_at_start": load,
         "best_val": best["objective"]["value"],
@@ -78,19 +82,30 @@ def run_search(name: str, space: Path, storage: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1)
+    parser.add_argument(
+        "--vary-seed",
+        action="store_true",
+        help="pair P runs both searches with the trials' seed=P (pair 1: seed 0, the space's): "
+        "the pairs then measure the best val's spread too, not only time",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "dtlray-2axis")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()} CPUs | load average {os.getloadavg()[0]:.2f}", flush=True)
-    ratios = []
+    ratios, vals = [], {name: [] for name in SEARCHES}
     for pair in range(args.pairs):
+        seed = pair if args.vary_seed else None
         order = list(SEARCHES) if pair % 2 == 0 else list(reversed(SEARCHES))
         got = {}
         for name in order:
-            got[name] = r = run_search(name, SEARCHES[name], args.work_dir / f"pair{pair}" / name)
+            where = args.work_dir / f"pair{pair}" / name
+            got[name] = r = run_search(name, SEARCHES[name], where, seed)
+            vals[name].append(r["best_val"])
             test = "?" if r["best_test"] is None else f"{r['best_test']:.4f}"
-            print(f"pair {pair + 1} {name:8}: {r['wall_s']:6.1f} s (load {r['load_at_start']:.2f}"
-                  f" at start), best val {r['best_val']:.4f} test {test}, stage-1 epochs "
-                  f"computed {r['stage1_epochs_computed']}", flush=True)  # fmt: skip
+            shown = "" if seed is None else f" seed {seed}"
+            print(f"pair {pair + 1}{shown} {name:8}: {r['wall_s']:6.1f} s (load "
+                  f"{r['load_at_start']:.2f} at start), best val {r['best_val']:.4f} test "
+                  f"{test}, stage-1 epochs computed {r['stage1_epochs_computed']}",
+                  flush=True)  # fmt: skip
         ratio = got["default"]["wall_s"] / got["two-axis"]["wall_s"]
         ratios.append(ratio)
         verdict = "equal or better" if got["two-axis"]["best_val"] >= got["default"]["best_val"] \
@@ -101,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(ratios) > 1:
         print(f"median {statistics.median(ratios):.2f} over {len(ratios)} pairs "
               f"({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if args.vary_seed and len(ratios) > 1:
+        better = sum(a >= b for a, b in zip(vals["two-axis"], vals["default"], strict=True))
+        print(f"best val over {len(ratios)} seeds: two-axis median "
+              f"{statistics.median(vals['two-axis']):.4f} ({min(vals['two-axis']):.4f}-"
+              f"{max(vals['two-axis']):.4f}), default median "
+              f"{statistics.median(vals['default']):.4f} ({min(vals['default']):.4f}-"
+              f"{max(vals['default']):.4f}); two-axis equal or better in {better} of "
+              f"{len(ratios)}")  # fmt: skip
     return 0
 
 
