@@ -42,7 +42,7 @@ How to read the output:
   process, already imported). The line gives the ratio with it counted on both sides, and the
   fixed cost beyond it; the headline stays as defined.
 
-Run from the repository root (about 2 minutes on 2 cores with the defaults)::
+Run from the repository root (2-6 minutes on 2 cores with the defaults)::
 
     .venv/bin/python bench/train_overhead.py
     .venv/bin/python bench/train_overhead.py --threads 2 --epochs 6
