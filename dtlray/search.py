@@ -34,6 +34,7 @@ from dtlray.metrics import DIVERGED_METRIC, STAGE1_MODE, STAGE1_REUSED_EPOCHS
 from dtlray.search_progress import SearchProgress
 from dtlray.search_space import (
     SearchSpace,
+    Stage1Keys,
     check_searchable,
     load_space,
     parse_space,
@@ -285,19 +286,6 @@ def build_tuner(
         ),
         run_config=_run_config(space, experiment, verbose),
     )
-
-
-class Stage1Keys:
-    """The stage-1 key of a suggested config (None for a scratch trial); picklable, so a
-    restored search keeps it."""
-
-    def __init__(self, space: SearchSpace, source_fingerprint: str) -> None:
-        self._space = space
-        self._fingerprint = source_fingerprint
-
-    def __call__(self, config: Mapping[str, Any]) -> str | None:
-        cfg = self._space.sampled_trial_config(config)
-        return None if cfg.stage2.init == "scratch" else cfg.stage1_key(self._fingerprint)
 
 
 def _stage1_ordered(searcher: Searcher, space: SearchSpace, storage_path: str) -> Searcher:

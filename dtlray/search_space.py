@@ -340,6 +340,19 @@ class SearchSpace(_Strict):
         return self.trial_config({k: v for k, v in config.items() if k in self.trial_keys})
 
 
+class Stage1Keys:
+    """The stage-1 key of a suggested config (None for a scratch trial); picklable, so a
+    restored search keeps it."""
+
+    def __init__(self, space: SearchSpace, source_fingerprint: str) -> None:
+        self._space = space
+        self._fingerprint = source_fingerprint
+
+    def __call__(self, config: Mapping[str, Any]) -> str | None:
+        cfg = self._space.sampled_trial_config(config)
+        return None if cfg.stage2.init == "scratch" else cfg.stage1_key(self._fingerprint)
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file.
 

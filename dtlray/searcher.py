@@ -14,7 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from dtlray.errors import DtlrayError
 from dtlray.metrics import DIVERGED_METRIC
-from dtlray.search_space import SearchSpace, to_optuna_distributions
+from dtlray.search_space import SearchSpace, Stage1Keys, to_optuna_distributions
 from dtlray.two_axis import TwoAxisSearch
 
 
@@ -107,6 +107,9 @@ def build_searcher(
         short_epochs=space.grace_period,
         full_epochs=space.max_epochs,
         num_samples=space.num_samples,
+        # Within one search every trial reads the same source: no fingerprint is needed to
+        # tell its stage 1s apart (nor, in the replay benchmark, a prepared dataset).
+        stage1_group=Stage1Keys(space, source_fingerprint=""),
     )
 
 

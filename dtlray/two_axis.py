@@ -3,10 +3,18 @@
 Stage 1 is the expensive half of a trial, and ASHA alone prunes only the cheap finetune epochs:
 every stage-1 configuration is pretrained to its full budget before any target signal exists.
 Here the searcher samples new configurations at the smallest stage-1 budget with a short
-finetune (ASHA's first rung), and promotes the best ``1 / reduction_factor`` of each budget's
-results to the next budget -- asynchronously, as ASHA promotes: whenever a trial can start, the
-highest budget with a configuration in its top fraction that was not promoted yet gets it, else
-a new configuration starts at the smallest budget. The trial budget (``num_samples``) is shared
+finetune (ASHA's first rung), and promotes ``1 / reduction_factor`` of each budget's results to
+the next budget -- asynchronously, as ASHA promotes: whenever a trial can start, the highest
+budget with a configuration to promote that was not promoted yet gets it, else a new
+configuration starts at the smallest budget.
+
+What is promoted is chosen by stage-1 configuration first: a budget's best ``1 /
+reduction_factor`` of its stage-1 configurations (at least one; each ranked by its best
+trial), and of their trials the best, up to ``1 / reduction_factor`` of the budget's results.
+Every configuration promoted into one stage-1 configuration shares its longer stage 1, and a
+longer stage 1 is what costs: ranking trials alone promoted the best few wherever they were,
+and each one in another stage-1 configuration paid a longer stage 1 of its own (on the
+quickstart, three 2-epoch stage 1s where one serves). The trial budget (``num_samples``) is shared
 with the promotions the running trials can still earn: a new configuration starts only while
 it leaves room for them, else the slot waits for those results (without that, a search that
 asks ahead -- :mod:`dtlray.stage1_order` does -- spent every trial on new configurations before
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -45,6 +54,9 @@ class TwoAxisSearch(SearcherWrapper):
         short_epochs: the finetune epochs of a trial below the largest budget.
         full_epochs: the finetune epochs at the largest budget.
         num_samples: the search's trials (new and promoted together).
+        stage1_group: the stage-1 configuration of a proposed configuration, budget aside
+            (None: it has no stage 1, and is a group of its own); default: each configuration
+            is its own.
     """
 
     def __init__(
@@ -56,6 +68,7 @@ class TwoAxisSearch(SearcherWrapper):
         short_epochs: int,
         full_epochs: int,
         num_samples: int,
+        stage1_group: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         if len(budgets) < 2 or sorted(set(budgets)) != list(budgets):
@@ -65,6 +78,8 @@ class TwoAxisSearch(SearcherWrapper):
         self._eta = reduction_factor
         self._short, self._full = short_epochs, full_epochs
         self._num_samples = num_samples
+        self._stage1_group = stage1_group
+        self._groups: dict[str, str] = {}  # configuration (as JSON) -> its stage-1 group
         self._started = 0
         # Per budget: configuration (as JSON) -> its value there; and those already promoted.
         self._rungs: list[dict[str, float]] = [{} for _ in budgets]
@@ -132,14 +147,29 @@ class TwoAxisSearch(SearcherWrapper):
     # -- the rungs -----------------------------------------------------------------------------
 
     def _promotable(self, level: int) -> str | None:
-        """The best configuration in budget ``level``'s top fraction not promoted yet, if any."""
+        """The best configuration to promote from budget ``level`` not promoted yet, if any: of
+        the top fraction of its stage-1 configurations, the top fraction of its results."""
         rung = self._rungs[level]
         top = math.floor(len(rung) / self._eta)
-        ranked = sorted(rung, key=rung.__getitem__, reverse=True)[:top]
+        if top == 0:
+            return None
+        ranked = sorted(rung, key=rung.__getitem__, reverse=True)
+        groups: list[str] = []  # the stage-1 configurations, best first
         for config in ranked:
+            if self._group(config) not in groups:
+                groups.append(self._group(config))
+        top_groups = set(groups[: max(1, math.floor(len(groups) / self._eta))])
+        for config in [c for c in ranked if self._group(c) in top_groups][:top]:
             if config not in self._promoted[level]:
                 return config
         return None
+
+    def _group(self, config: str) -> str:
+        """The stage-1 configuration of a configuration (as JSON), budget aside."""
+        if config not in self._groups:
+            group = self._stage1_group(json.loads(config)) if self._stage1_group else None
+            self._groups[config] = config if group is None else group
+        return self._groups[config]
 
     def _owed(self, new: int = 0) -> int:
         """About how many promotions are still to come if every live trial (and ``new`` more at

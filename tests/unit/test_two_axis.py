@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from dtlray.errors import DtlrayError
-from dtlray.search_space import parse_space
-from dtlray.searcher import build_searcher
+from dtlray.search_space import Stage1Keys, parse_space, to_optuna_distributions
+from dtlray.searcher import TrialStateOptunaSearch, build_searcher
 from dtlray.two_axis import TwoAxisSearch
 
 
@@ -69,6 +69,57 @@ def test_new_configs_start_small_and_the_best_fraction_goes_on() -> None:
     assert len(study.trials) == 5
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.value for t in done) == [0.5, 0.6, 0.7, 0.9]
+
+
+def grid_search(space: Any, points: list[dict[str, Any]], *, grouped: bool) -> TwoAxisSearch:
+    """The two-axis searcher as ``build_searcher`` builds it, its new configurations ``points``
+    in order (real Optuna, the points enqueued); ``grouped``: it knows their stage-1 configs."""
+    inner = TrialStateOptunaSearch(
+        fixed_epochs=space.grace_period,
+        space=to_optuna_distributions(space),
+        metric="target/val_acc",
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        points_to_evaluate=points,
+    )
+    return TwoAxisSearch(
+        inner,
+        budgets=space.scheduler.stage1_budgets,
+        reduction_factor=space.scheduler.reduction_factor,
+        short_epochs=space.grace_period,
+        full_epochs=space.max_epochs,
+        num_samples=space.num_samples,
+        stage1_group=Stage1Keys(space, source_fingerprint="") if grouped else None,
+    )
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_promotions_go_to_the_best_stage1_configuration_first(grouped: bool) -> None:
+    space = parse_space(two_axis_raw(stage1_budgets=[2, 3]))
+    # Three stage-1 configurations (fusion depth 0, 1, 2), two finetune settings each.
+    values = {(0, 0.01): 0.9, (0, 0.03): 0.5, (1, 0.01): 0.8, (1, 0.03): 0.7,
+              (2, 0.01): 0.6, (2, 0.03): 0.4}  # fmt: skip
+    points = [
+        {"model.fusion_depth": depth, "stage2.lr": lr, "stage2.lr_mult_backbone": 0.5}
+        for depth, lr in values
+    ]
+    search = grid_search(space, points, grouped=grouped)
+    started = {f"t{i}": search.suggest(f"t{i}") for i in range(len(points))}
+    for trial_id, config in started.items():
+        assert config["stage1.epochs"] == 2
+        value = values[config["model.fusion_depth"], config["stage2.lr"]]
+        complete(search, trial_id, config, value)
+    # Half of the 6 results earn a longer stage 1 (reduction factor 2).
+    promoted = []
+    while (config := search.suggest(f"p{len(promoted)}"))["stage1.epochs"] == 3:
+        promoted.append((config["model.fusion_depth"], config["stage2.lr"]))
+    if grouped:
+        # The best half of the stage-1 configurations (one of 3: depth 0), and its trials:
+        # both go on, sharing its longer stage 1. Depth 1's 0.8 and 0.7 are not promoted.
+        assert promoted == [(0, 0.01), (0, 0.03)]
+    else:  # ranking trials alone: three promotions, into two stage-1 configurations
+        assert promoted == [(0, 0.01), (1, 0.01), (1, 0.03)]
+    assert config["stage1.epochs"] == 2  # then a new configuration
 
 
 def test_the_search_stops_at_num_samples() -> None:
