@@ -165,8 +165,9 @@ class SchedulerConfig(_Strict):
     stage1_budgets: list[int | float] | None = Field(
         default=None,
         description="two_axis: the stage-1 budgets (stage1.epochs, fractions allowed: 0.25 is a "
-        "quarter of an epoch), increasing; a budget's top "
-        "1/reduction_factor (on target val acc after a grace_period finetune) go on to the next.",
+        "quarter of an epoch), increasing; 1/reduction_factor of a budget's trials (on target val "
+        "acc after a grace_period finetune), from its top 1/reduction_factor of stage-1 "
+        "configurations, go on to the next.",
     )
     logme_quantile: float | None = Field(
         default=None,
