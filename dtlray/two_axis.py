@@ -13,17 +13,18 @@ reduction_factor`` of its stage-1 configurations (at least one; each ranked by i
 trial), and of their trials the best, up to ``1 / reduction_factor`` of the budget's results.
 Every configuration promoted into one stage-1 configuration shares its longer stage 1, and a
 longer stage 1 is what costs: ranking trials alone promoted the best few wherever they were,
-and each one in another stage-1 configuration paid a longer stage 1 of its own (on the
-quickstart, three 2-epoch stage 1s where one serves). The trial budget (``num_samples``) is shared
-with the promotions the running trials can still earn: a new configuration starts only while
-it leaves room for them, else the slot waits for those results (without that, a search that
-asks ahead -- :mod:`dtlray.stage1_order` does -- spent every trial on new configurations before
-the first result came in, and promoted none). A promoted configuration's stage 1 continues
-the constant phase its shorter run stored (``stage1.schedule: wsd``, the stage tree), so it
-trains only the extra epochs. The decision uses what matters: the target validation accuracy of
-a finetune, never the source accuracy. Only configurations at the largest budget finetune for
-the full ``stage2.epochs``, where Tune's ASHA scheduler still stops poor ones early from the
-rung after the grace period on (they passed that one at the smaller budget).
+and each one in another stage-1 configuration paid a longer stage 1 of its own.
+
+The trial budget (``num_samples``) is shared with the promotions the running trials can still
+earn: a new configuration starts only while it leaves room for them, else the slot waits for
+those results (without that, a search that asks ahead -- :mod:`dtlray.stage1_order` does --
+spent every trial on new configurations before the first result came in, and promoted none). A
+promoted configuration's stage 1 continues the constant phase its shorter run stored
+(``stage1.schedule: wsd``, the stage tree), so it trains only the extra epochs. The decision
+uses what matters: the target validation accuracy of a finetune, never the source accuracy. Only
+configurations at the largest budget finetune for the full ``stage2.epochs``, where Tune's ASHA
+scheduler still stops poor ones early from the rung after the grace period on (they passed that
+one at the smaller budget).
 
 Part of the search layer (:mod:`dtlray.search` builds it around the Optuna searcher, which
 proposes the new configurations and learns from their results at the smallest budget).
