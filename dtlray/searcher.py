@@ -97,8 +97,12 @@ def build_searcher(
         # Start from the space's defaults: a known-reasonable point anchors the search.
         points_to_evaluate=[space.default_values()] if space.searcher.start_from_default else None,
     )
-    if not two_axis:
-        return searcher
+    return two_axis_search(space, searcher) if two_axis else searcher
+
+
+def two_axis_search(space: SearchSpace, searcher: Searcher) -> TwoAxisSearch:
+    """``searcher`` (which proposes the new configurations) inside the two-axis searcher of a
+    ``scheduler: two_axis`` space."""
     assert space.scheduler.stage1_budgets is not None  # the space's validation saw to it
     return TwoAxisSearch(
         searcher,

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from dtlray.errors import DtlrayError
-from dtlray.search_space import Stage1Keys, parse_space, to_optuna_distributions
-from dtlray.searcher import TrialStateOptunaSearch, build_searcher
+from dtlray.search_space import parse_space, to_optuna_distributions
+from dtlray.searcher import TrialStateOptunaSearch, build_searcher, two_axis_search
 from dtlray.two_axis import TwoAxisSearch
 
 
@@ -72,8 +72,9 @@ def test_new_configs_start_small_and_the_best_fraction_goes_on() -> None:
 
 
 def grid_search(space: Any, points: list[dict[str, Any]], *, grouped: bool) -> TwoAxisSearch:
-    """The two-axis searcher as ``build_searcher`` builds it, its new configurations ``points``
-    in order (real Optuna, the points enqueued); ``grouped``: it knows their stage-1 configs."""
+    """The two-axis searcher of ``space``, its new configurations ``points`` in order (real
+    Optuna, the points enqueued); not ``grouped``: without the configurations' stage-1 groups,
+    ranking trials alone."""
     inner = TrialStateOptunaSearch(
         fixed_epochs=space.grace_period,
         space=to_optuna_distributions(space),
@@ -82,15 +83,11 @@ def grid_search(space: Any, points: list[dict[str, Any]], *, grouped: bool) -> T
         sampler=optuna.samplers.RandomSampler(seed=0),
         points_to_evaluate=points,
     )
-    return TwoAxisSearch(
-        inner,
-        budgets=space.scheduler.stage1_budgets,
-        reduction_factor=space.scheduler.reduction_factor,
-        short_epochs=space.grace_period,
-        full_epochs=space.max_epochs,
-        num_samples=space.num_samples,
-        stage1_group=Stage1Keys(space, source_fingerprint="") if grouped else None,
-    )
+    if grouped:
+        return two_axis_search(space, inner)
+    budgets, eta = space.scheduler.stage1_budgets, space.scheduler.reduction_factor
+    return TwoAxisSearch(inner, budgets=budgets, reduction_factor=eta, short_epochs=1,
+                         full_epochs=space.max_epochs, num_samples=space.num_samples)  # fmt: skip
 
 
 @pytest.mark.parametrize("grouped", [True, False])
