@@ -149,7 +149,8 @@ class TwoAxisSearch(SearcherWrapper):
 
     def _promotable(self, level: int) -> str | None:
         """The best configuration to promote from budget ``level`` not promoted yet, if any: of
-        the top fraction of its stage-1 configurations, the top fraction of its results."""
+        the trials of its top fraction of stage-1 configurations, the best, as many as its top
+        fraction of results."""
         rung = self._rungs[level]
         top = math.floor(len(rung) / self._eta)
         if top == 0:
