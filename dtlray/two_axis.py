@@ -156,10 +156,7 @@ class TwoAxisSearch(SearcherWrapper):
         if top == 0:
             return None
         ranked = sorted(rung, key=rung.__getitem__, reverse=True)
-        groups: list[str] = []  # the stage-1 configurations, best first
-        for config in ranked:
-            if self._group(config) not in groups:
-                groups.append(self._group(config))
+        groups = list(dict.fromkeys(map(self._group, ranked)))  # stage-1 configs, best first
         top_groups = set(groups[: max(1, math.floor(len(groups) / self._eta))])
         for config in [c for c in ranked if self._group(c) in top_groups][:top]:
             if config not in self._promoted[level]:

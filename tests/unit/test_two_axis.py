@@ -86,8 +86,9 @@ def grid_search(space: Any, points: list[dict[str, Any]], *, grouped: bool) -> T
     if grouped:
         return two_axis_search(space, inner)
     budgets, eta = space.scheduler.stage1_budgets, space.scheduler.reduction_factor
-    return TwoAxisSearch(inner, budgets=budgets, reduction_factor=eta, short_epochs=1,
-                         full_epochs=space.max_epochs, num_samples=space.num_samples)  # fmt: skip
+    return TwoAxisSearch(inner, budgets=budgets, reduction_factor=eta,
+                         short_epochs=space.grace_period, full_epochs=space.max_epochs,
+                         num_samples=space.num_samples)  # fmt: skip
 
 
 @pytest.mark.parametrize("grouped", [True, False])
