@@ -13,7 +13,10 @@ reduction_factor`` of its stage-1 configurations (at least one; each ranked by i
 trial), and of their trials the best, up to ``1 / reduction_factor`` of the budget's results.
 Every configuration promoted into one stage-1 configuration shares its longer stage 1, and a
 longer stage 1 is what costs: ranking trials alone promoted the best few wherever they were,
-and each one in another stage-1 configuration paid a longer stage 1 of its own.
+and each one in another stage-1 configuration paid a longer stage 1 of its own. For the same
+reason a stage-1 configuration promoted from keeps its place in that top fraction: when the lead
+passes to another one (results arrive one by one, and two configurations may be close), the
+other is promoted from only when the top fraction grows to hold it.
 
 The trial budget (``num_samples``) is shared with the promotions the running trials can still
 earn: a new configuration starts only while it leaves room for them, else the slot waits for
@@ -157,7 +160,12 @@ class TwoAxisSearch(SearcherWrapper):
             return None
         ranked = sorted(rung, key=rung.__getitem__, reverse=True)
         groups = list(dict.fromkeys(map(self._group, ranked)))  # stage-1 configs, best first
-        top_groups = set(groups[: max(1, math.floor(len(groups) / self._eta))])
+        # Those promoted from already keep their place: their longer stage 1 is paid for, and
+        # a new leader by a hair would pay another one (a lead that passes between two close
+        # configurations, as results arrive, did so on a real search).
+        paid = {self._group(c) for c in self._promoted[level]}
+        kept = sorted(groups, key=lambda group: group not in paid)  # stable: paid ones first
+        top_groups = set(kept[: max(1, math.floor(len(groups) / self._eta))])
         for config in [c for c in ranked if self._group(c) in top_groups][:top]:
             if config not in self._promoted[level]:
                 return config

@@ -120,6 +120,34 @@ def test_promotions_go_to_the_best_stage1_configuration_first(grouped: bool) -> 
     assert config["stage1.epochs"] == 2  # then a new configuration
 
 
+def test_a_lead_that_passes_to_another_stage1_configuration_pays_no_second_stage1() -> None:
+    space = parse_space(two_axis_raw(stage1_budgets=[2, 3]))
+    values = {(0, 0.01): 0.80, (1, 0.01): 0.70, (1, 0.03): 0.81, (1, 0.05): 0.79}
+    points = [
+        {"model.fusion_depth": depth, "stage2.lr": lr, "stage2.lr_mult_backbone": 0.5}
+        for depth, lr in values
+    ]
+    search = grid_search(space, points, grouped=True)
+
+    def run_new(trial_id: str) -> None:
+        config = search.suggest(trial_id)
+        assert config["stage1.epochs"] == 2
+        value = values[config["model.fusion_depth"], config["stage2.lr"]]
+        complete(search, trial_id, config, value)
+
+    run_new("t0")
+    run_new("t1")
+    first = search.suggest("p0")  # 2 results: the best (depth 0, 0.80) earns a longer stage 1
+    assert (first["stage1.epochs"], first["model.fusion_depth"]) == (3, 0)
+    run_new("t2")
+    run_new("t3")
+    # Depth 1 now holds the best result (0.81) and 3 of 4; ranked afresh, it would be the one
+    # configuration promoted from, and pay a longer stage 1 of its own. Depth 0's is paid for,
+    # and its one trial is promoted already: nothing more to promote, a new configuration starts.
+    after = search.suggest("p1")
+    assert after["stage1.epochs"] == 2, after
+
+
 def test_the_search_stops_at_num_samples() -> None:
     raw = two_axis_raw()
     raw["num_samples"] = 3
