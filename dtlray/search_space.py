@@ -167,7 +167,7 @@ class SchedulerConfig(_Strict):
         description="two_axis: the stage-1 budgets (stage1.epochs, fractions allowed: 0.25 is a "
         "quarter of an epoch), increasing; 1/reduction_factor of a budget's trials (on target val "
         "acc after a grace_period finetune), from its top 1/reduction_factor of stage-1 "
-        "configurations, go on to the next.",
+        "configurations (one promoted from keeps its place there), go on to the next.",
     )
     logme_quantile: float | None = Field(
         default=None,
