@@ -131,7 +131,7 @@ def test_a_lead_that_passes_to_another_stage1_configuration_pays_no_second_stage
 
     def run_new(trial_id: str) -> None:
         config = search.suggest(trial_id)
-        assert config["stage1.epochs"] == 2
+        assert config["stage1.epochs"] == 2, f"{trial_id} is a promotion: {config}"
         value = values[config["model.fusion_depth"], config["stage2.lr"]]
         complete(search, trial_id, config, value)
 
