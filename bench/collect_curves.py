@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SPACE = ROOT / "search_spaces" / "quickstart.yaml"
+SPACE = ROOT / "search_spaces" / "quickstart_asha.yaml"
 BACKBONES = ("resnet18", "vgg11_bn")
 FUSION_DEPTHS = (0, 1)
 STAGE1_EPOCHS = (1, 2, 4)

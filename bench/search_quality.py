@@ -62,7 +62,7 @@ TABLE = ROOT / "bench" / "curves" / "curves.parquet"
 # searcher with stage1.schedule: wsd (the two-axis search) trains, so its accuracies come from it.
 WSD_TABLE = ROOT / "bench" / "curves-wsd" / "curves.parquet"
 LOGME_FILE = "logme.json"  # by the table: written by logme_rank.py
-SPACE = ROOT / "search_spaces" / "quickstart.yaml"
+SPACE = ROOT / "search_spaces" / "quickstart_asha.yaml"
 # A one-worker search trial's cost around its own work, from bench/train_overhead.py on this
 # 2-core machine: a slot's first trial starts a trial process (its imports, Tune's bookkeeping);
 # later trials reuse that process.

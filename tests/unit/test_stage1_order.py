@@ -21,7 +21,7 @@ def key(config: dict[str, Any]) -> str:
 def ordered(
     num_samples: int, stored: set[str], seed: int = 0, one_backbone: bool = False
 ) -> Stage1OrderedSearch:
-    raw = yaml.safe_load(Path("search_spaces/quickstart.yaml").read_text())
+    raw = yaml.safe_load(Path("search_spaces/quickstart_asha.yaml").read_text())
     raw["searcher"]["seed"] = seed
     if one_backbone:  # two stage-1 configs: suggestions often share the busy one
         del raw["search"]["model.backbone"]
