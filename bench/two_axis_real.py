@@ -1,13 +1,16 @@
-"""The two-axis search for real against the default search: same trial budget, same machine, one
-run after the other, nothing cached.
+"""The two-axis search for real against ASHA alone: same trial budget, same machine, one run
+after the other, nothing cached.
 
-Runs ``dtlray tune search_spaces/quickstart_two_axis.yaml`` and ``dtlray tune
-search_spaces/quickstart.yaml`` (12 trials each, 2 at a time) as a user does, each on a new
+Runs ``dtlray tune search_spaces/quickstart.yaml`` (two-axis) and ``dtlray tune
+search_spaces/quickstart_asha.yaml`` (12 trials each, 2 at a time) as a user does, each on a new
 storage directory so no stage-1 result is reused across them (the prepared datasets are), and
 times each from the command's start to its exit (``best.json`` written). Prints, per search, the
-wall time, the best trial's val and test accuracy and the stage-1 epochs computed, then
+wall time, the best trial's val and test accuracy, the stage-1 epochs computed and the
+useful-work efficiency (the command's slot-seconds, its wall x 2 trials at a time, over the
+seconds that trained something: the stage-1 runs computed plus every finetune train pass;
+1.0 = all), then
 
-    TWO-AXIS SPEEDUP default/two-axis = X (best val two-axis A vs default B: equal or better|worse)
+    TWO-AXIS SPEEDUP asha/two-axis = X (best val two-axis A vs asha B: equal or better|worse)
 
 (goal >= 2 at equal or better best val acc). ``--pairs N`` repeats the pair N times, alternating
 which search goes first, and prints the median and the spread. A pair takes about 10 minutes on
@@ -33,8 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = {
-    "two-axis": ROOT / "search_spaces" / "quickstart_two_axis.yaml",
-    "default": ROOT / "search_spaces" / "quickstart.yaml",
+    "two-axis": ROOT / "search_spaces" / "quickstart.yaml",
+    "asha": ROOT / "search_spaces" / "quickstart_asha.yaml",
 }
 
 
@@ -58,13 +61,18 @@ def run_search(name: str, space: Path, storage: Path, seed: int | None = None) -
         raise SystemExit(f"{name}: exit {proc.returncode}; see {storage / 'console.log'}")
     best = json.loads((storage / name / "best.json").read_text())
     from dtlray.report.records import read_jsonl
+    from dtlray.search_space import load_space
 
     computed = 0
+    useful = 0.0  # seconds that trained something: computed stage 1s, finetune train passes
     for result in (storage / name).glob("*/result.json"):
-        last = (read_jsonl(result) or [{}])[-1]
+        records = read_jsonl(result) or [{}]
+        last = records[-1]
         if last.get("stage1/mode") == "computed":
             computed += last["config"].get("stage1.epochs", best["config"]["stage1"]["epochs"])
             computed -= last.get("stage1/reused_epochs", 0)
+            useful += last["stage1/seconds"]
+        useful += sum(r.get("train/epoch_seconds", 0.0) for r in records)
     record = {
         "name": name,
         "seed": seed,
@@ -74,6 +82,8 @@ def run_search(name: str, space: Path, storage: Path, seed: int | None = None) -
         "best_test": (best.get("test") or {}).get("target/test_acc"),
         "best_searched": best["searched"],
         "stage1_epochs_computed": computed,
+        "useful_s": useful,
+        "slots": load_space(space).max_concurrent_trials,  # both spaces set it (2)
     }
     done.write_text(json.dumps(record, indent=1))
     return record
@@ -102,27 +112,29 @@ def main(argv: list[str] | None = None) -> int:
             vals[name].append(r["best_val"])
             test = "?" if r["best_test"] is None else f"{r['best_test']:.4f}"
             shown = "" if seed is None else f" seed {seed}"
+            # The command's slot-seconds over the seconds that trained something.
+            useful = f"{r['wall_s'] * r['slots'] / r['useful_s']:.2f}" if "slots" in r else "?"
             print(f"pair {pair + 1}{shown} {name:8}: {r['wall_s']:6.1f} s (load "
                   f"{r['load_at_start']:.2f} at start), best val {r['best_val']:.4f} test "
-                  f"{test}, stage-1 epochs computed {r['stage1_epochs_computed']}",
-                  flush=True)  # fmt: skip
-        ratio = got["default"]["wall_s"] / got["two-axis"]["wall_s"]
+                  f"{test}, stage-1 epochs computed {r['stage1_epochs_computed']}, useful-work "
+                  f"efficiency {useful}", flush=True)  # fmt: skip
+        ratio = got["asha"]["wall_s"] / got["two-axis"]["wall_s"]
         ratios.append(ratio)
-        verdict = "equal or better" if got["two-axis"]["best_val"] >= got["default"]["best_val"] \
+        verdict = "equal or better" if got["two-axis"]["best_val"] >= got["asha"]["best_val"] \
             else "worse"  # fmt: skip
-        print(f"TWO-AXIS SPEEDUP default/two-axis = {ratio:.2f} (best val two-axis "
-              f"{got['two-axis']['best_val']:.4f} vs default {got['default']['best_val']:.4f}: "
+        print(f"TWO-AXIS SPEEDUP asha/two-axis = {ratio:.2f} (best val two-axis "
+              f"{got['two-axis']['best_val']:.4f} vs asha {got['asha']['best_val']:.4f}: "
               f"{verdict})", flush=True)  # fmt: skip
     if len(ratios) > 1:
         print(f"median {statistics.median(ratios):.2f} over {len(ratios)} pairs "
               f"({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
     if args.vary_seed and len(ratios) > 1:
-        better = sum(a >= b for a, b in zip(vals["two-axis"], vals["default"], strict=True))
+        better = sum(a >= b for a, b in zip(vals["two-axis"], vals["asha"], strict=True))
         print(f"best val over {len(ratios)} seeds: two-axis median "
               f"{statistics.median(vals['two-axis']):.4f} ({min(vals['two-axis']):.4f}-"
-              f"{max(vals['two-axis']):.4f}), default median "
-              f"{statistics.median(vals['default']):.4f} ({min(vals['default']):.4f}-"
-              f"{max(vals['default']):.4f}); two-axis equal or better in {better} of "
+              f"{max(vals['two-axis']):.4f}), asha median "
+              f"{statistics.median(vals['asha']):.4f} ({min(vals['asha']):.4f}-"
+              f"{max(vals['asha']):.4f}); two-axis equal or better in {better} of "
               f"{len(ratios)}")  # fmt: skip
     return 0
 
