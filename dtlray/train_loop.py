@@ -472,12 +472,15 @@ def run_stage(
         )
         if not per_step:
             scheduler.step()
+        val_start = time.perf_counter()
         val = evaluate(model, spec.tasks, val_data, env)
+        val_seconds = time.perf_counter() - val_start
         for task, (_, loss) in val.items():
             if not math.isfinite(loss):  # the weights blew up although each step's loss did not
                 where = f"after training: the {task} validation loss"
                 raise Diverged(spec.name, epoch + 1, where, loss, spec.optim.lr)
         metrics = _stage_metrics(spec, train_stats, val, "val")
+        metrics["val/epoch_seconds"] = val_seconds  # the per-epoch cost a scheduler's metric has
         metrics["epoch"] = epoch + 1
         last = epoch == epochs - 1
         if run_test and (last or test_every_epoch):

@@ -64,6 +64,7 @@ def test_train_tiny_two_workers_reports_every_metric(
     assert not missing, f"missing metrics {missing} in:\n{out}"
     assert metrics["stage1/cache_hit"] == "False" and metrics["stage1/mode"] == "computed"
     assert 0.0 <= float(metrics["target/test_acc"]) <= 1.0
+    assert float(metrics["val/epoch_seconds"]) > 0  # what validation costs an epoch
     # Stage 1 was stored for reuse (and its wsd constant phase, for a longer budget to
     # continue), and a finetune checkpoint rebuilds its own model.
     stored = sorted(p.name for p in (tmp_path / CACHE_DIR).iterdir())
