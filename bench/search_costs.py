@@ -64,6 +64,7 @@ import dtlray
 from dtlray.data import load_info, prepare_builtin
 from dtlray.experiment import STAGE1_CACHE_DIR as CACHE_DIR
 from dtlray.ray_session import init_ray
+from dtlray.report.records import TrialRecord
 from dtlray.search import derive_max_concurrent_trials
 from dtlray.search_space import SearchSpace, parse_space
 from dtlray.search_trial import TRIAL_DRIVER_CPU
@@ -289,10 +290,9 @@ def run_search(
                 total_s=float(last["time_total_s"]),
                 cache_hit=last.get("stage1/cache_hit"),
                 stage1_compute_s=float(last.get("stage1/compute_seconds", 0.0)),
-                useful_s=(
-                    float(last["stage1/seconds"]) if last.get("stage1/mode") == "computed" else 0.0
-                )
-                + float(history["train/epoch_seconds"].sum()),
+                useful_s=TrialRecord(
+                    str(last["trial_id"]), 0, searched, tuple(history.to_dict("records")), ""
+                ).useful_seconds,
             )
         )
     trials.sort(key=lambda t: t.start)

@@ -60,19 +60,15 @@ def run_search(name: str, space: Path, storage: Path, seed: int | None = None) -
     if proc.returncode != 0:
         raise SystemExit(f"{name}: exit {proc.returncode}; see {storage / 'console.log'}")
     best = json.loads((storage / name / "best.json").read_text())
-    from dtlray.report.records import read_jsonl
-    from dtlray.search_space import load_space
+    from dtlray.report.records import load_trials
 
-    computed = 0
-    useful = 0.0  # seconds that trained something: computed stage 1s, finetune train passes
-    for result in (storage / name).glob("*/result.json"):
-        records = read_jsonl(result) or [{}]
-        last = records[-1]
-        if last.get("stage1/mode") == "computed":
-            computed += last["config"].get("stage1.epochs", best["config"]["stage1"]["epochs"])
-            computed -= last.get("stage1/reused_epochs", 0)
-            useful += last["stage1/seconds"]
-        useful += sum(r.get("train/epoch_seconds", 0.0) for r in records)
+    trials = load_trials(storage / name)
+    fixed_epochs = best["config"]["stage1"]["epochs"]  # a search that does not set them
+    computed = sum(
+        t.params.get("stage1.epochs", fixed_epochs) - t.stage1_reused_epochs
+        for t in trials
+        if t.stage1 == "computed"
+    )
     record = {
         "name": name,
         "seed": seed,
@@ -82,8 +78,7 @@ def run_search(name: str, space: Path, storage: Path, seed: int | None = None) -
         "best_test": (best.get("test") or {}).get("target/test_acc"),
         "best_searched": best["searched"],
         "stage1_epochs_computed": computed,
-        "useful_s": useful,
-        "slots": load_space(space).max_concurrent_trials,  # both spaces set it (2)
+        "useful_s": sum(t.useful_seconds for t in trials),
     }
     done.write_text(json.dumps(record, indent=1))
     return record
@@ -100,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "dtlray-2axis")
     args = parser.parse_args(argv)
+    from dtlray.search_space import load_space  # light: no torch, no Ray
+
+    # Trials at a time, for the useful-work efficiency (the command's slot-seconds).
+    slots = {name: load_space(path).max_concurrent_trials for name, path in SEARCHES.items()}
     print(f"{os.cpu_count()} CPUs | load average {os.getloadavg()[0]:.2f}", flush=True)
     ratios, vals = [], {name: [] for name in SEARCHES}
     for pair in range(args.pairs):
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             test = "?" if r["best_test"] is None else f"{r['best_test']:.4f}"
             shown = "" if seed is None else f" seed {seed}"
             # The command's slot-seconds over the seconds that trained something.
-            useful = f"{r['wall_s'] * r['slots'] / r['useful_s']:.2f}" if "slots" in r else "?"
+            useful = f"{r['wall_s'] * slots[name] / r['useful_s']:.2f}" if "useful_s" in r else "?"
             print(f"pair {pair + 1}{shown} {name:8}: {r['wall_s']:6.1f} s (load "
                   f"{r['load_at_start']:.2f} at start), best val {r['best_val']:.4f} test "
                   f"{test}, stage-1 epochs computed {r['stage1_epochs_computed']}, useful-work "

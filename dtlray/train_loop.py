@@ -480,7 +480,7 @@ def run_stage(
                 where = f"after training: the {task} validation loss"
                 raise Diverged(spec.name, epoch + 1, where, loss, spec.optim.lr)
         metrics = _stage_metrics(spec, train_stats, val, "val")
-        metrics["val/epoch_seconds"] = val_seconds  # the per-epoch cost a scheduler's metric has
+        metrics["val/epoch_seconds"] = val_seconds  # what the per-epoch metric costs to measure
         metrics["epoch"] = epoch + 1
         last = epoch == epochs - 1
         if run_test and (last or test_every_epoch):

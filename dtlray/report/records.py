@@ -127,6 +127,15 @@ class TrialRecord:
         return finite(last.get("stage1/seconds")) or 0.0
 
     @property
+    def useful_seconds(self) -> float:
+        """Seconds that trained something: the stage 1 this trial computed itself and every
+        finetune train pass (what a search's useful-work efficiency counts)."""
+        own_stage1 = self.stage1_seconds if self.stage1 == "computed" else 0.0
+        return own_stage1 + sum(
+            finite(row.get("train/epoch_seconds")) or 0.0 for row in self.history
+        )
+
+    @property
     def stage1_compute_seconds(self) -> float:
         """What computing this trial's stage 1 cost (whoever computed it)."""
         last = self.history[-1] if self.history else {}

@@ -302,6 +302,16 @@ def test_trials_are_read_in_start_order_with_status_epochs_and_stage1(experiment
     assert by_id["a3ac03eb"].stage1 == "computed"
 
 
+def test_useful_seconds_count_the_stage1_a_trial_computed_and_its_train_passes() -> None:
+    def epoch(mode: str, seconds: float) -> dict[str, Any]:
+        return {"stage1/mode": mode, "stage1/seconds": 30.0, "train/epoch_seconds": seconds}
+
+    computed = TrialRecord("a", 1, {}, (epoch("computed", 2.0), epoch("computed", 3.0)), "X")
+    reused = TrialRecord("b", 2, {}, (epoch("reused", 2.0), epoch("reused", float("nan"))), "X")
+    assert computed.useful_seconds == 35.0  # its own stage 1 + both train passes
+    assert reused.useful_seconds == 2.0  # another trial's stage 1; a diverged epoch's NaN is 0
+
+
 def test_statuses_without_tunes_experiment_state_come_from_the_trial_files(
     tmp_path: Path,
 ) -> None:
