@@ -3,8 +3,8 @@
 Synthetic data (random uint8 images, 10 classes) held on the device's host side the way a
 dtlray worker holds its in-memory split. For each precision, in one run, side by side:
 
-* **plain**: the textbook loop — autocast (bf16) or not, ``channels_last`` on CUDA, SGD with
-  Nesterov momentum, cross-entropy, one head.
+* **plain**: the textbook loop — autocast (bf16) or not, ``channels_last`` as dtlray's worker,
+  SGD with Nesterov momentum, cross-entropy, one head.
 * **dtlray**: :func:`dtlray.train_loop.train_one_epoch` on a real :class:`TransferModel` built
   from a :class:`TrialConfig` with ``resources.precision`` set — the function every dtlray
   trial's worker runs each epoch (resize to the model input, per-task batching, the loss).
@@ -115,7 +115,7 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> t
         seed=0,
         image_size=cfg.data.image_size,
         channels=3,
-        **resolve_precision(cfg.resources.precision, device),
+        **resolve_precision(cfg.resources.precision, device, cfg.resources.channels_last),
     )
     rates: dict[str, list[float]] = {"plain": [], "dtlray": []}
     for side in ("plain", "dtlray"):

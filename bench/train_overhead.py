@@ -4,7 +4,8 @@ Measures, in one run on this machine:
 
 * **plain**: a single-process PyTorch loop (no Ray) over the same model, the same target data
   with the same label budget, the same per-step batching (every step takes from each target a
-  share proportional to its size), the same loss, optimiser and thread count. It runs twice,
+  share proportional to its size), the same loss, optimiser, thread count and memory layout
+  (``resources.channels_last``, on by default; ``--nchw`` runs both sides in NCHW). It runs twice,
   before Ray starts and after it stops, so drift in machine load shows as a gap between the two.
 * **dtlray**: a real stage-2 trial (``stage2.init: scratch``, so no stage 1; one worker) built by
   :func:`dtlray.trial.build_trainer` and run by :func:`dtlray.trial.run_trainer` on a private
@@ -33,7 +34,8 @@ How to read the output:
   first one's trial process (Tune's ``reuse_actors``), and what each costs beyond its epochs is
   printed as the fixed cost of a later trial of a search. The last two lines are the headline,
   for the first trial in a fresh trial process: ``END-TO-END RATIO plain/dtlray`` (the
-  plain loop's set-up plus the same epochs over the search trial's wall; goal >= 0.85) and
+  plain loop's set-up plus the same epochs, the mean of its runs before and after Ray, over the
+  search trial's wall; goal >= 0.85) and
   ``PER-EPOCH OVERHEAD`` (median time between two reports outside the train pass, as a share of
   the train pass; goal <= 5%), with the share of it that is the validation pass itself
   (``val/epoch_seconds``).
@@ -113,6 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads = resources.cpus_per_worker"
     )
+    parser.add_argument(
+        "--nchw",
+        action="store_true",
+        help="both sides in PyTorch's default layout (resources.channels_last=false)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (epoch 1 is warm-up)")
@@ -138,6 +145,7 @@ def build_config(args: argparse.Namespace, data_root: str) -> TrialConfig:
             "resources.num_workers": 1,
             "resources.cpus_per_worker": float(args.threads),
             "resources.use_gpu": False,
+            "resources.channels_last": not args.nchw,
             "resources.max_failures": 0,  # a failed run is a failed benchmark, not a retry
         },
         base=base,
@@ -211,7 +219,13 @@ def build_model(cfg: TrialConfig, targets: Sequence[TargetData]) -> TransferMode
     )
     torch.manual_seed(cfg.seed + 1)
     model.reset_heads(heads)
-    return model
+    # The worker's layout (resources.channels_last), so both sides run the same kernels.
+    return model.to(memory_format=layout(cfg))
+
+
+def layout(cfg: TrialConfig) -> torch.memory_format:
+    """The memory format dtlray's worker trains in."""
+    return torch.channels_last if cfg.resources.channels_last else torch.contiguous_format
 
 
 def build_sgd(model: TransferModel, cfg: TrialConfig) -> torch.optim.SGD:
@@ -259,7 +273,7 @@ def plain_train_epoch(
                 to_model_input(t.images[idx], cfg.data.image_size, cfg.data.channels)
                 for t, idx in parts
             ]
-        )
+        ).contiguous(memory_format=layout(cfg))
         logits = model(x)
         losses, offset = [], 0
         for t, idx in parts:
@@ -523,8 +537,7 @@ def print_report(
 
 def print_search_trial(
     cfg: TrialConfig,
-    before: list[EpochStats],
-    plain_setup: float,
+    plain: Sequence[tuple[list[EpochStats], float]],
     single: SearchTrialRun,
     repeated: SearchTrialRun,
     cold_imports: float,
@@ -541,11 +554,19 @@ def print_search_trial(
     # (before it starts: the trial process with its imports; after its last report).
     around = single.wall - trial.total
     fixed = trial.setup() + around
-    plain_wall = plain_setup + sum(e.seconds for e in before)
+    # The plain loop's wall: the mean of its two runs, before and after (the search trial runs
+    # between them, so a drift in the machine's speed cancels out to first order).
+    plain_walls = [setup + sum(e.seconds for e in epochs) for epochs, setup in plain]
+    plain_wall = statistics.mean(plain_walls)
     print("\none-worker search trial (dtlray tune, 1 trial, FIFO): call to result")
     print(
         f"  tuner.fit() wall {single.wall:.2f} s for {len(trial.epochs)} epochs; plain loop "
-        f"wall (set-up + the same epochs) {plain_wall:.2f} s"
+        f"wall (set-up + the same epochs) {plain_wall:.2f} s (before Ray "
+        f"{plain_walls[0]:.2f} s, after {plain_walls[1]:.2f} s)"
+    )
+    print(
+        f"  of which train passes: dtlray {sum(e.seconds for e in trial.epochs):.2f} s, plain "
+        f"{' s and '.join(f'{sum(e.seconds for e in epochs):.2f}' for epochs, _ in plain)} s"
     )
     print(
         f"  fixed cost (wall minus the epochs) {fixed:.2f} s = the trial function's set-up (data, "
@@ -604,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{cfg.model.backbone} (small_input={cfg.small_input}) at {cfg.data.image_size}px "
             f"x{cfg.data.channels}, batch {cfg.stage2.batch_size}, targets "
             f"{'+'.join(cfg.data.targets)}: {rows} train rows "
-            f"(<= {cfg.stage2.samples_per_class}/class), {cfg.stage2.epochs} epochs per side"
+            f"(<= {cfg.stage2.samples_per_class}/class), {cfg.stage2.epochs} epochs per side, "
+            f"{'channels_last' if cfg.resources.channels_last else 'NCHW'} on both sides"
         )
 
         print("plain loop, before Ray ...", flush=True)
@@ -628,11 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray.shutdown()
 
         print("plain loop, after Ray ...", flush=True)
-        after, _ = run_plain(cfg, args.threads)
+        after, after_setup = run_plain(cfg, args.threads)
 
         print_report(cfg, before, after, plain_setup, dtlray)
         print(f"load average at the end: {os.getloadavg()[0]:.2f} (other work on this machine)")
-        print_search_trial(cfg, before, plain_setup, search_trial, repeated, cold_imports)
+        plain = [(before, plain_setup), (after, after_setup)]
+        print_search_trial(cfg, plain, search_trial, repeated, cold_imports)
     return 0
 
 

@@ -282,8 +282,13 @@ class ResourcesConfig(_Section):
         default="auto",
         description="Training precision: auto = bf16 autocast on a GPU that supports it, fp32 "
         "elsewhere; bf16 also runs on CPU; fp16 (GPU only) trains with a gradient scaler. "
-        "Weights stay fp32 (checkpoints resume under any precision); on a GPU tensors are "
-        "channels_last.",
+        "Weights stay fp32 (checkpoints resume under any precision).",
+    )
+    channels_last: bool = Field(
+        default=True,
+        description="Weights and images in the channels_last (NHWC) layout, the fast path of "
+        "oneDNN's and cuDNN's convolutions (on CPU too); false: PyTorch's default NCHW. "
+        "Checkpoints resume in either layout.",
     )
 
 

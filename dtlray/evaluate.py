@@ -48,8 +48,11 @@ def evaluate_checkpoint(
         seed=cfg.seed,
         image_size=cfg.data.image_size,
         channels=cfg.data.channels,
+        channels_last=cfg.resources.channels_last,  # the layout it trained in
     )
     model.to(env.device)
+    if env.channels_last:
+        model.to(memory_format=torch.channels_last)
     data = {}
     for task in spec.tasks:
         rows = split_dataset(infos[task.name], split, in_process=True, image_size=image_size)

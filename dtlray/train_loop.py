@@ -137,7 +137,7 @@ def run_worker(
         channels=cfg.data.channels,
         session=session,
         threads=threads,
-        **resolve_precision(cfg.resources.precision, device),
+        **resolve_precision(cfg.resources.precision, device, cfg.resources.channels_last),
     )
     torch.set_num_threads(threads)
     finetune = finetune_stage(cfg, plan.datasets)

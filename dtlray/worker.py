@@ -183,8 +183,11 @@ class TrainSession:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def resolve_precision(precision: str, device: torch.device) -> dict[str, Any]:
-    """``amp_dtype`` and ``channels_last`` of a :class:`WorkerEnv` for ``resources.precision``.
+def resolve_precision(
+    precision: str, device: torch.device, channels_last: bool = True
+) -> dict[str, Any]:
+    """``amp_dtype`` and ``channels_last`` of a :class:`WorkerEnv` for ``resources.precision``
+    and ``resources.channels_last``.
 
     Raises:
         DtlrayError: fp16 on a CPU (its autocast computes in bfloat16; use bf16 or fp32).
@@ -203,7 +206,7 @@ def resolve_precision(precision: str, device: torch.device) -> dict[str, Any]:
         dtype = torch.float16
     else:
         dtype = None
-    return {"amp_dtype": dtype, "channels_last": cuda}
+    return {"amp_dtype": dtype, "channels_last": channels_last}
 
 
 def _say(line: str) -> None:
@@ -224,7 +227,7 @@ class WorkerEnv:
     image_size: int
     channels: int
     amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
-    channels_last: bool = False  # NHWC tensors (the fast layout for convolutions on GPUs)
+    channels_last: bool = False  # NHWC weights and images (oneDNN's and cuDNN's fast layout)
     log: Callable[[str], None] = field(default=_say)
     session: WorkerSession | None = None  # None: evaluation outside any trial
     threads: int = 1  # torch threads of its own (the CPUs Ray gave it)

@@ -147,7 +147,8 @@ def test_precision_resolves_per_device_and_fp16_needs_a_gpu() -> None:
     from dtlray.worker import resolve_precision
 
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == {"amp_dtype": None, "channels_last": False}
+    assert resolve_precision("auto", cpu) == {"amp_dtype": None, "channels_last": True}
+    assert resolve_precision("auto", cpu, channels_last=False)["channels_last"] is False
     assert resolve_precision("fp32", cpu)["amp_dtype"] is None
     assert resolve_precision("bf16", cpu)["amp_dtype"] == torch.bfloat16
     with pytest.raises(DtlrayError, match="fp16 needs a GPU.*use bf16 or fp32 on CPU"):
@@ -156,30 +157,56 @@ def test_precision_resolves_per_device_and_fp16_needs_a_gpu() -> None:
         TrialConfig.from_flat({"resources.precision": "fp8"})
 
 
-def test_bf16_epochs_train_on_cpu_and_checkpoints_resume_in_any_precision() -> None:
+def test_bf16_epochs_train_on_cpu_and_checkpoints_resume_in_any_precision_and_layout() -> None:
     from dtlray.train_loop import train_one_epoch
     from dtlray.worker import WorkerEnv, resolve_precision
 
     cfg, spec, data = _faces_epoch()
     cpu = torch.device("cpu")
 
-    def env(precision: str) -> WorkerEnv:
-        return WorkerEnv(0, 1, cpu, 0, 16, 1, **resolve_precision(precision, cpu))
+    def env(precision: str, channels_last: bool = True) -> WorkerEnv:
+        return WorkerEnv(0, 1, cpu, 0, 16, 1, **resolve_precision(precision, cpu, channels_last))
 
-    model = _model(cfg, spec.heads)
+    model = _model(cfg, spec.heads).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, spec)
     stats = train_one_epoch(model, model, spec, data, optimizer, 0, env("bf16"))
     assert np.isfinite(stats["train/loss"]) and stats["train/samples_per_s"] > 0
-    # Weights stay fp32 under autocast: a bf16 checkpoint resumes in fp32, and back.
+    # Weights stay fp32 under autocast: a bf16 checkpoint resumes in fp32, and back; a
+    # channels_last one in NCHW, and back.
     assert all(p.dtype == torch.float32 for p in model.parameters())
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     resumed = _model(cfg, spec.heads)
     resumed.load_state_dict(state["model"])
     resumed_opt = build_optimizer(resumed, spec)
     resumed_opt.load_state_dict(state["optimizer"])
-    for precision in ("fp32", "bf16"):
-        stats = train_one_epoch(resumed, resumed, spec, data, resumed_opt, 1, env(precision))
+    for precision, channels_last in (("fp32", False), ("bf16", True)):
+        stats = train_one_epoch(
+            resumed, resumed, spec, data, resumed_opt, 1, env(precision, channels_last)
+        )
         assert np.isfinite(stats["train/loss"])
+
+
+def test_a_channels_last_epoch_trains_as_an_nchw_one() -> None:
+    from dtlray.train_loop import evaluate, train_one_epoch
+    from dtlray.worker import WorkerEnv, resolve_precision
+
+    cfg, spec, data = _faces_epoch()
+    cpu = torch.device("cpu")
+    losses, evals = [], []
+    for channels_last in (False, True):
+        env = WorkerEnv(0, 1, cpu, 0, 16, 1, **resolve_precision("fp32", cpu, channels_last))
+        model = _model(cfg, spec.heads)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        optimizer = build_optimizer(model, spec)
+        torch.manual_seed(0)  # the same augmentation draws in both layouts
+        losses.append(train_one_epoch(model, model, spec, data, optimizer, 0, env)["train/loss"])
+        evals.append(evaluate(model, spec.tasks, data, env)["faces"][1])
+    # Same weights, same batches: the layouts differ only in the kernels' rounding.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert evals[1] == pytest.approx(evals[0], rel=1e-3)
 
 
 @pytest.mark.parametrize(
