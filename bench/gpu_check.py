@@ -85,8 +85,7 @@ def plain_epoch(model, optimizer, data: InMemorySplit, cfg: TrialConfig, env: Wo
     for i in range(0, len(data) - batch + 1, batch):
         idx = order[i : i + batch]
         x = data.images[idx].to(env.device, non_blocking=True).float().div_(255.0)
-        if env.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=env.memory_format)
         y = data.labels[idx].to(env.device, non_blocking=True)
         with torch.autocast(
             env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None
@@ -120,9 +119,7 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> t
     rates: dict[str, list[float]] = {"plain": [], "dtlray": []}
     for side in ("plain", "dtlray"):
         torch.manual_seed(0)
-        model = build_model(cfg, spec.heads).to(device)
-        if env.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = build_model(cfg, spec.heads).to(device, memory_format=env.memory_format)
         optimizer = build_optimizer(model, spec)
         for epoch in range(args.epochs):
             if side == "plain":

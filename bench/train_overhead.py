@@ -82,6 +82,7 @@ from dtlray.search import build_tuner
 from dtlray.search_space import load_space, parse_space
 from dtlray.trial import build_trainer, run_trainer
 from dtlray.trial_data import select_label_budget
+from dtlray.worker import memory_format
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = REPO_ROOT / "search_spaces" / "tiny.yaml"
@@ -220,12 +221,7 @@ def build_model(cfg: TrialConfig, targets: Sequence[TargetData]) -> TransferMode
     torch.manual_seed(cfg.seed + 1)
     model.reset_heads(heads)
     # The worker's layout (resources.channels_last), so both sides run the same kernels.
-    return model.to(memory_format=layout(cfg))
-
-
-def layout(cfg: TrialConfig) -> torch.memory_format:
-    """The memory format dtlray's worker trains in."""
-    return torch.channels_last if cfg.resources.channels_last else torch.contiguous_format
+    return model.to(memory_format=memory_format(cfg.resources.channels_last))
 
 
 def build_sgd(model: TransferModel, cfg: TrialConfig) -> torch.optim.SGD:
@@ -273,7 +269,7 @@ def plain_train_epoch(
                 to_model_input(t.images[idx], cfg.data.image_size, cfg.data.channels)
                 for t, idx in parts
             ]
-        ).contiguous(memory_format=layout(cfg))
+        ).contiguous(memory_format=memory_format(cfg.resources.channels_last))
         logits = model(x)
         losses, offset = [], 0
         for t, idx in parts:

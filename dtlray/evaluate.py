@@ -50,9 +50,7 @@ def evaluate_checkpoint(
         channels=cfg.data.channels,
         channels_last=cfg.resources.channels_last,  # the layout it trained in
     )
-    model.to(env.device)
-    if env.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(env.device, memory_format=env.memory_format)
     data = {}
     for task in spec.tasks:
         rows = split_dataset(infos[task.name], split, in_process=True, image_size=image_size)

@@ -144,9 +144,7 @@ def run_worker(
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, finetune.heads).to(env.device)
-    if env.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, finetune.heads).to(env.device, memory_format=env.memory_format)
 
     checkpoint = session.checkpoint()
     diverged = diverged_report(checkpoint)

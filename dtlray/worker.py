@@ -209,6 +209,11 @@ def resolve_precision(
     return {"amp_dtype": dtype, "channels_last": channels_last}
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout ``resources.channels_last`` asks for, of weights and images alike."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _say(line: str) -> None:
     # Not print(): Ray Train V2 patches print in workers to log through the root logger as
     # well, and a worker whose stdout Ray wraps then prints every line twice (stdout + stderr).
@@ -232,6 +237,11 @@ class WorkerEnv:
     session: WorkerSession | None = None  # None: evaluation outside any trial
     threads: int = 1  # torch threads of its own (the CPUs Ray gave it)
     loan: CpuLoan | None = None  # CPUs lent by trials waiting for this one's stage 1
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of this worker's weights and images."""
+        return memory_format(self.channels_last)
 
 
 def follow_loan(env: WorkerEnv) -> None:
@@ -310,7 +320,7 @@ def train_source(
 def model_input(images: torch.Tensor, env: WorkerEnv, augment: bool) -> torch.Tensor:
     x = to_model_input(images.to(env.device, non_blocking=True), env.image_size, env.channels)
     x = _augment(x) if augment else x
-    return x.contiguous(memory_format=torch.channels_last) if env.channels_last else x
+    return x.contiguous(memory_format=env.memory_format)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
