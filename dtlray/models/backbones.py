@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from dtlray.errors import DtlrayError
+from dtlray.models.conv import skip_dead_taps
 from dtlray.models.registry import backbone_family, min_input_size
 
 __all__ = ["Backbone", "build_backbone"]
@@ -110,7 +111,9 @@ def build_backbone(
             downloaded once into it.
 
     Returns:
-        The backbone, in training mode, on torch's default device.
+        The backbone, in training mode, on torch's default device. Its zero-padded convs are
+        :class:`~dtlray.models.conv.DeadTapConv2d`: they skip the kernel taps that see only
+        padding on small maps, with the same parameters and results.
 
     Raises:
         DtlrayError: If the name or the weights value is unknown, or the ImageNet weights are
@@ -128,9 +131,12 @@ def build_backbone(
 
     pretrained = weights == "imagenet"
     spec = _BackboneSpec.of(name)
-    if family.name == "resnet":
-        return _build_resnet(name, spec, in_channels, small_input, pretrained)
-    return _build_vgg(name, spec, in_channels, small_input, pretrained)
+    build = _build_resnet if family.name == "resnet" else _build_vgg
+    backbone = build(name, spec, in_channels, small_input, pretrained)
+    # Exact, and free where every tap is live; at 32 px with the standard ResNet stem it halves
+    # a CPU train step (layer4's 3x3 convs see 1x1 maps).
+    skip_dead_taps(backbone.body)
+    return backbone
 
 
 def _build_resnet(
