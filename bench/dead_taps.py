@@ -21,14 +21,14 @@ import copy
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dtlray.models import TransferModel, build_transfer_model
-from dtlray.models.conv import DeadTapConv2d
+from dtlray.models.conv import DeadTapConv2d, share_conv
 
 # (backbone, small_input, image size): the quickstart's two backbones at its size and stem, and
 # the small-input stem and 64 px for contrast (layer4 sees 4x4 and 2x2 maps there: nothing dead).
@@ -59,24 +59,14 @@ def with_full_kernels(model: TransferModel) -> TransferModel:
     for parent in list(plain.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, DeadTapConv2d):
-                conv = nn.Conv2d(
-                    child.in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
-                    dilation=child.dilation,
-                    groups=child.groups,
-                    bias=child.bias is not None,
-                    device="meta",
-                )
-                conv.weight, conv.bias = child.weight, child.bias
-                setattr(parent, name, conv)
+                setattr(parent, name, share_conv(child, nn.Conv2d))
     assert not any(isinstance(m, DeadTapConv2d) for m in plain.modules())
     return plain
 
 
-def make_step(model: TransferModel, images: torch.Tensor, labels: torch.Tensor):
+def make_step(
+    model: TransferModel, images: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], float]:
     """One SGD step (Nesterov momentum, as stage 1) on a fixed batch; returns its seconds."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     task = next(iter(model.heads))

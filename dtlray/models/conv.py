@@ -17,12 +17,15 @@ change.
 from __future__ import annotations
 
 import functools
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DeadTapConv2d", "live_taps", "skip_dead_taps"]
+__all__ = ["DeadTapConv2d", "live_taps", "share_conv", "skip_dead_taps"]
+
+ConvT = TypeVar("ConvT", bound=nn.Conv2d)
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -101,21 +104,7 @@ class DeadTapConv2d(nn.Conv2d):
                 "DeadTapConv2d needs numeric zero padding, but got "
                 f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
             )
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            device="meta",  # skip allocating and initialising weights that are replaced below
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.train(conv.training)
-        return new
+        return share_conv(conv, cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C_in, H, W)
@@ -128,6 +117,26 @@ class DeadTapConv2d(nn.Conv2d):
         weight = self.weight[:, :, rows, cols]  # (C_out, C_in / groups, kh', kw')
         # (B, C_out, H_out, W_out), the same size as the full kernel's output
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def share_conv(conv: nn.Conv2d, cls: type[ConvT]) -> ConvT:
+    """A ``cls`` convolution with ``conv``'s settings and mode that shares its parameters."""
+    new = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",  # skip allocating and initialising weights that are replaced below
+    )
+    new.weight = conv.weight
+    new.bias = conv.bias
+    new.train(conv.training)
+    return new
 
 
 def skip_dead_taps(module: nn.Module) -> int:

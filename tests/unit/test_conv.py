@@ -118,3 +118,16 @@ def test_skip_dead_taps_leaves_1x1_and_non_zero_padding_alone() -> None:
     ]
     with pytest.raises(ValueError, match="needs numeric zero padding"):
         DeadTapConv2d.like(model[1])
+
+
+def test_dead_tap_conv_under_bf16_autocast_matches_the_full_conv() -> None:
+    # resources.precision: bf16 runs convolutions under CPU autocast; the cropped kernel must
+    # take the same bf16 path as the full one.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    dead = DeadTapConv2d.like(conv)
+    x = torch.randn(4, 16, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = dead(x), conv(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
