@@ -25,10 +25,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dtlray.models import TransferModel, build_transfer_model
-from dtlray.models.conv import DeadTapConv2d, share_conv
+from dtlray.models.conv import restore_full_kernels
 
 # (backbone, small_input, image size): the quickstart's two backbones at its size and stem, and
 # the small-input stem and 64 px for contrast (layer4 sees 4x4 and 2x2 maps there: nothing dead).
@@ -56,11 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def with_full_kernels(model: TransferModel) -> TransferModel:
     """A copy of ``model`` whose DeadTapConv2d modules are plain ``nn.Conv2d`` again."""
     plain = copy.deepcopy(model)
-    for parent in list(plain.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, DeadTapConv2d):
-                setattr(parent, name, share_conv(child, nn.Conv2d))
-    assert not any(isinstance(m, DeadTapConv2d) for m in plain.modules())
+    assert restore_full_kernels(plain) > 0
     return plain
 
 

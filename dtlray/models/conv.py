@@ -17,13 +17,20 @@ change.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DeadTapConv2d", "live_taps", "share_conv", "skip_dead_taps"]
+__all__ = [
+    "DeadTapConv2d",
+    "live_taps",
+    "restore_full_kernels",
+    "share_conv",
+    "skip_dead_taps",
+]
 
 ConvT = TypeVar("ConvT", bound=nn.Conv2d)
 
@@ -99,7 +106,7 @@ class DeadTapConv2d(nn.Conv2d):
     @classmethod
     def like(cls, conv: nn.Conv2d) -> DeadTapConv2d:
         """A DeadTapConv2d with the same settings that shares ``conv``'s parameters."""
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _zero_padded(conv):
             raise ValueError(
                 "DeadTapConv2d needs numeric zero padding, but got "
                 f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
@@ -139,6 +146,25 @@ def share_conv(conv: nn.Conv2d, cls: type[ConvT]) -> ConvT:
     return new
 
 
+def _zero_padded(conv: nn.Conv2d) -> bool:
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _swap_convs(
+    module: nn.Module, select: Callable[[nn.Module], bool], make: Callable[[nn.Conv2d], nn.Conv2d]
+) -> int:
+    """Replace, in place, every child module ``select`` picks by ``make(child)``; how many."""
+    targets = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if select(child)
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, make(child))
+    return len(targets)
+
+
 def skip_dead_taps(module: nn.Module) -> int:
     """Replace, in place, every zero-padded ``nn.Conv2d`` wider than 1x1 by a DeadTapConv2d.
 
@@ -151,15 +177,21 @@ def skip_dead_taps(module: nn.Module) -> int:
     Returns:
         How many convolutions were replaced.
     """
-    targets = [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Conv2d
-        and max(child.kernel_size) > 1
-        and child.padding_mode == "zeros"
-        and not isinstance(child.padding, str)
-    ]
-    for parent, name, child in targets:
-        setattr(parent, name, DeadTapConv2d.like(child))
-    return len(targets)
+    return _swap_convs(
+        module,
+        lambda m: type(m) is nn.Conv2d and max(m.kernel_size) > 1 and _zero_padded(m),
+        DeadTapConv2d.like,
+    )
+
+
+def restore_full_kernels(module: nn.Module) -> int:
+    """Undo :func:`skip_dead_taps` in place: every DeadTapConv2d becomes a plain ``nn.Conv2d``.
+
+    For comparisons (``bench/dead_taps.py``): the parameters stay shared and unchanged.
+
+    Returns:
+        How many convolutions were replaced.
+    """
+    return _swap_convs(
+        module, lambda m: isinstance(m, DeadTapConv2d), lambda c: share_conv(c, nn.Conv2d)
+    )

@@ -10,7 +10,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from dtlray.models import build_backbone
-from dtlray.models.conv import DeadTapConv2d, live_taps, skip_dead_taps
+from dtlray.models.conv import DeadTapConv2d, live_taps, restore_full_kernels, skip_dead_taps
 
 
 @pytest.mark.parametrize(
@@ -131,3 +131,12 @@ def test_dead_tap_conv_under_bf16_autocast_matches_the_full_conv() -> None:
         got, want = dead(x), conv(x)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)
+
+
+def test_restore_full_kernels_undoes_skip_dead_taps_with_the_same_parameters() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1))
+    weights = [p for p in model.parameters()]
+    assert skip_dead_taps(model) == 1
+    assert restore_full_kernels(model) == 1
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]
+    assert all(a is b for a, b in zip(model.parameters(), weights, strict=True))
